@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one entry point. Bootstraps .venv from pyproject.toml on first use (and again
+# whenever pyproject.toml changes), then dispatches to a program in experiments/.
+#
+#   ./launch.sh run  [CONFIG[:ARGS]] [--workdir DIR] [--config.KEY=VALUE ...]
+#   ./launch.sh eval --workdir DIR
+#   ./launch.sh test [PYTEST ARGS]
+set -euo pipefail
+cd "$(dirname "$0")"
+root=$(pwd)
+
+venv="$root/.venv"
+stamp="$venv/.pyproject.sha256"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "launch.sh: installing the environment into .venv (pyproject.toml is new or changed)..." >&2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
+  "$venv/bin/python" -m pip install --quiet -e ".[test]" >&2
+  echo "$want" > "$stamp"
+fi
+py="$venv/bin/python"
+
+# Quiet TensorFlow's C++ start-up chatter; it only ever feeds the input pipeline.
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+
+cmd="${1:-run}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  run)
+    exec "$py" -m experiments.train "$@" ;;
+  eval)
+    exec "$py" -m experiments.evaluate "$@" ;;
+  test)
+    # 8 simulated CPU devices so the sharding tests see a real mesh.
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+    exec "$py" -m pytest "$@" ;;
+  -h|--help|help)
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *)
+    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, test." >&2
+    exit 2 ;;
+esac
