@@ -36,7 +36,7 @@ case "$cmd" in
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
     exec "$py" -m pytest "$@" ;;
   -h|--help|help)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     echo "launch.sh: unknown command '$cmd'. Commands: run, eval, test." >&2
     exit 2 ;;

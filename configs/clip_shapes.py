@@ -1,0 +1,85 @@
+r"""A small CLIP trained from scratch on the shapes world: the embedded default.
+
+  ./launch.sh run                                   # this config
+  ./launch.sh run configs/clip_shapes.py:variant=S/8,steps=3000
+  ./launch.sh run configs/clip_shapes.py --config.lr=3e-4 --config.input.batch_size=128
+
+It trains on the 2-core CPU in minutes and reaches zero-shot shape and colour
+accuracy above 0.9 (chance 0.125); the README gives the measured numbers.
+"""
+from ml_collections import config_dict
+
+from multimodal import config_lib
+
+SHAPES_WORLD = dict(image_size=64, train_examples=50_000, eval_examples=2_000,
+                    seed=0)
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, variant="nano/8", text_variant="nano",
+                             steps=1200, res=32, batch=128, loss="softmax")
+  c = config_dict.ConfigDict()
+  c.task = "clip"
+  c.seed = 0
+  c.loss = arg.loss
+
+  # Training length: exactly one of these three is set.
+  c.total_steps = config_dict.placeholder(int)
+  c.total_epochs = config_dict.placeholder(float)
+  c.total_examples = config_dict.placeholder(int)
+  c.total_steps = arg.steps
+
+  c.input = config_dict.ConfigDict()
+  c.input.data = "shapes_world"
+  c.input.data_dir = config_dict.placeholder(str)
+  c.input.shapes_world = dict(SHAPES_WORLD)
+  c.input.split = "train"
+  c.input.batch_size = arg.batch
+  c.input.shuffle_buffer = 10_000
+  c.input.image_size = arg.res
+  c.input.tokenizer = dict(model=config_dict.placeholder(str), vocab_size=256,
+                           max_len=40)
+  image_pp = f"decode|resize({arg.res})|value_range(-1,1)"
+  # No flip_lr: captions name left and right, and a flip would falsify them.
+  c.input.pp = (image_pp + '|choice(inkey="captions", outkey="text")'
+                '|tokenize(max_len=40, inkey="text", outkey="tokens")'
+                '|keep("image", "tokens")')
+
+  c.model = config_dict.ConfigDict()
+  c.model.image = dict(variant=arg.variant, pool_type="gap", posemb="learn")
+  c.model.text = dict(variant=arg.text_variant, causal=True, pool="eos")
+  c.model.out_dim = 128
+  if arg.loss == "softmax":
+    c.model.temperature_init = 1 / 0.07
+    c.model.bias_init = config_dict.placeholder(float)
+  else:  # SigLIP's initialisation: t' = log 10, b = -10.
+    c.model.temperature_init = 10.0
+    c.model.bias_init = -10.0
+
+  c.compute_dtype = "float32"
+  c.lr = 1e-3
+  c.wd = 1e-4
+  c.wd_mask = r".*/kernel"  # Decay matmul kernels only.
+  c.grad_clip_norm = 1.0
+  c.schedule = dict(warmup_steps=100, decay_type="cosine", min_lr_ratio=0.0)
+
+  c.mesh = dict(data=-1)
+  c.log_steps = 50
+  c.ckpt_steps = 500
+  c.keep_ckpts = 2
+  c.eval_every = 0  # 0: evaluate only at the end.
+
+  c.evals = config_dict.ConfigDict()
+  for attribute, classes in (("shape", "objects/shape"),
+                             ("colour", "objects/colour")):
+    for split in ("test", "test_novel"):
+      suffix = "" if split == "test" else "_novel"
+      c.evals[f"zero_shot_{attribute}{suffix}"] = dict(
+          type="zero_shot", split=split, single_object_only=True,
+          classes=classes, templates=f"shapes_{attribute}",
+          pp=image_pp + f'|object_label("{attribute}")|keep("image", "label")')
+  c.evals.retrieval = dict(
+      type="retrieval", split="test", single_object_only=False,
+      pp=image_pp + '|tokenize(max_len=40, inkey="captions", '
+      'outkey="caption_tokens")|keep("image", "caption_tokens")')
+  return c

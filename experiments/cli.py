@@ -1,0 +1,111 @@
+"""Command-line plumbing shared by the programs behind launch.sh: config
+files with big_vision-style args, locked configs whose unknown keys are named
+with their closest valid keys, and default workdirs.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import importlib.util
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from multimodal import config_lib
+
+DEFAULT_CONFIG = "configs/clip_shapes.py"
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/clip_shapes.py:variant=S/8.",
+    lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything.")
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+  """Lets `run CONFIG[:ARGS] ...` stand for `run --config=CONFIG[:ARGS] ...`."""
+  rest = argv[1:]
+  if rest and not rest[0].startswith("-"):
+    rest = [f"--config={rest[0]}"] + rest[1:]
+  if not any(a == "--config" or a.startswith("--config=") for a in rest):
+    rest = [f"--config={DEFAULT_CONFIG}"] + rest
+  return argv[:1] + rest
+
+
+def parse_flags(argv: list[str]) -> None:
+  """Parses flags, turning config mistakes into one clear line on stderr."""
+  argv = normalise_argv(argv)
+  spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    known = sorted(glob.glob("configs/*.py"))
+    fail(f"config file '{path}' does not exist. Configs here: "
+         f"{', '.join(k for k in known if not k.endswith('__init__.py'))}.")
+  try:
+    _load_config_file(spec)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  except Exception as e:  # noqa: BLE001 -- any failure of the config file.
+    fail(f"could not build the config {spec}: {type(e).__name__}: {e}")
+  try:
+    flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- config_flags raises many types.
+    fail(_explain_flag_error(e, argv))
+  try:
+    config = CONFIG.value
+  except Exception as e:  # A config file that fails to import or build.
+    fail(f"could not build the config: {type(e).__name__}: {e}")
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+
+
+def _explain_flag_error(error: Exception, argv: list[str]) -> str:
+  """Names the first override whose key the config does not have."""
+  spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  try:
+    config = _load_config_file(spec)
+  except Exception as e:  # noqa: BLE001 -- any failure of the config file.
+    return f"could not build the config {spec}: {type(e).__name__}: {e}"
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      if not _has_key(config, key):
+        return config_lib.unknown_key_message(key, config)
+  return str(error).strip().splitlines()[0]
+
+
+def _load_config_file(spec: str):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _has_key(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    try:
+      if part not in node:
+        return False
+      node = node[part]
+    except TypeError:
+      return False
+  return True
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def config_name() -> str:
+  path = flags.FLAGS["config"].config_filename
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def default_workdir() -> str:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  return os.path.join("runs", f"{config_name()}-{stamp}")

@@ -1,0 +1,1 @@
+"""One JAX codebase for ViT, CLIP/SigLIP, DiT and a vision-language decoder."""

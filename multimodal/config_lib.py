@@ -1,0 +1,124 @@
+"""Helpers for experiment configs: big_vision-style arg strings, validation
+when the config is parsed, and durations given in steps, epochs or examples.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+
+import ml_collections
+
+from multimodal.data import preprocess
+
+
+class ConfigError(ValueError):
+  """A config key or value is wrong; the message says which and how to fix it."""
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `configs/x.py:variant=S/8,steps=3000` style args over `defaults`.
+
+  Values are read as Python literals when they parse as one (3000, 1e-3,
+  True), and as strings otherwise (S/8). Keys must be among the defaults.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(
+          f"unknown config argument '{key}' in '{arg}'."
+          f"{did_you_mean(key, defaults)} Valid arguments: {sorted(defaults)}.")
+    if not sep:  # A bare flag, e.g. `:fast`, means True.
+      value = "True"
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parsed = value
+    default = defaults[key]
+    if isinstance(default, float) and isinstance(parsed, int):
+      parsed = float(parsed)
+    if default is not None and not isinstance(parsed, type(default)):
+      raise ConfigError(
+          f"config argument {key}={value!r} should be a "
+          f"{type(default).__name__}, like its default {default!r}.")
+    result[key] = parsed
+  return result
+
+
+def did_you_mean(key: str, candidates) -> str:
+  close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
+  return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def flat_keys(config, prefix="") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    keys.append(path)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, path + "."))
+  return keys
+
+
+def unknown_key_message(key: str, config) -> str:
+  """Names an unknown (dotted) key and the closest valid ones."""
+  valid = flat_keys(config)
+  close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+  parent = key.rsplit(".", 1)[0] if "." in key else ""
+  siblings = [k for k in valid if k.rsplit(".", 1)[0] == parent and "." in k
+              ] if parent else [k for k in valid if "." not in k]
+  hint = (f" Did you mean {' or '.join(repr(c) for c in close)}?"
+          if close else "")
+  return (f"unknown config key '{key}'.{hint} "
+          f"Keys at that level: {', '.join(sorted(siblings)) or '(none)'}.")
+
+
+def validate(config) -> None:
+  """Checks what can be checked before anything compiles.
+
+  Every preprocessing string (a key named `pp` anywhere in the config) is
+  parsed now, so an unknown op or a bad argument fails in a second, not after
+  minutes of compilation the way it does in big_vision.
+  """
+  for path, value in _walk(config):
+    if path.rsplit(".", 1)[-1] == "pp" and value is not None:
+      try:
+        preprocess.parse(value)
+      except preprocess.PreprocessError as e:
+        raise ConfigError(f"config.{path}: {e}") from None
+  durations = [k for k in ("total_steps", "total_epochs", "total_examples")
+               if config.get(k) is not None]
+  if len(durations) != 1:
+    raise ConfigError(
+        "give the training length as exactly one of total_steps, total_epochs "
+        f"or total_examples; got {durations or 'none'}. E.g. "
+        "--config.total_steps=1000 (set the others to None).")
+
+
+def _walk(config, prefix=""):
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _walk(value, path + ".")
+    else:
+      yield path, value
+
+
+def total_steps(config, num_train_examples: int | None) -> int:
+  """Resolves the training length to steps of `config.input.batch_size`."""
+  batch = config.input.batch_size
+  if config.get("total_steps") is not None:
+    return int(config.total_steps)
+  if config.get("total_examples") is not None:
+    return max(1, int(config.total_examples) // batch)
+  if num_train_examples is None:
+    raise ConfigError(
+        "total_epochs needs the size of the training split, which this source "
+        "does not know; give --config.total_steps instead.")
+  return max(1, int(config.total_epochs * num_train_examples) // batch)
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,132 @@
+"""TFDS / TFRecords -> tf.data -> global jax.Arrays sharded on the batch axis.
+
+The order of training examples is a pure function of (seed, example index), so
+a resumed run skips exactly the examples it has already seen and sees the rest
+in the same order as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import threading
+import queue
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from multimodal.data import errors, preprocess
+from multimodal.data.sources import Source
+
+# TensorFlow only feeds the input pipeline; it must never grab an accelerator
+# that JAX needs.
+tf.config.set_visible_devices([], "GPU")
+
+
+def _with_example_seed(seed: int):
+  """Adds `_seed`, the stateless RNG seed of a random pp op for this example."""
+  def add(index, example):
+    example = dict(example)
+    example["_seed"] = tf.stack([tf.constant(seed, tf.int64), index])
+    return example
+  return add
+
+
+def train_dataset(source: Source, *, split: str, pp_fn: Callable,
+                  local_batch_size: int, seed: int, start_example: int = 0,
+                  shuffle_buffer: int = 10_000, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
+  """An infinite, shuffled, batched stream of this process's examples.
+
+  `start_example` counts this process's examples already consumed; they are
+  skipped before any decoding, so resuming costs a file read, not a pp pass.
+  """
+  ds = source.read(split, process_index=process_index,
+                   process_count=process_count)
+  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + process_index,
+                           reshuffle_each_iteration=True)
+  ds = ds.enumerate().map(_with_example_seed(seed))
+  ds = ds.skip(start_example)
+  ds = ds.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(source: Source, *, split: str, pp_fn: Callable,
+                 local_batch_size: int, filter_fn: Callable | None = None,
+                 process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """One pass over a split, padded to full batches; `_mask` marks real rows.
+
+  Padding (rather than dropping the remainder) keeps every example in the
+  metric while every batch keeps the one static shape jit compiled for.
+  """
+  ds = source.read(split, process_index=process_index,
+                   process_count=process_count)
+  if filter_fn is not None:
+    ds = ds.filter(filter_fn)
+  ds = ds.enumerate().map(_with_example_seed(0))
+  ds = ds.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(lambda ex: {**ex, "_mask": tf.constant(True)})
+  ds = ds.batch(local_batch_size, drop_remainder=False)
+  ds = ds.map(lambda batch: _pad_batch(batch, local_batch_size))
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pad_batch(batch, size):
+  def pad(x):
+    missing = size - tf.shape(x)[0]
+    paddings = [[0, missing]] + [[0, 0]] * (len(x.shape) - 1)
+    return tf.pad(x, paddings)
+  return tf.nest.map_structure(pad, batch)
+
+
+def build_pp(spec: str, tokenizer=None) -> Callable:
+  return preprocess.build(spec, tokenizer=tokenizer)
+
+
+def to_global_arrays(local_batch: dict, sharding) -> dict:
+  """Assembles each process's rows into one global jax.Array per key.
+
+  Strings (captions kept for inspection) cannot live on a device; they stay
+  as this process's numpy rows.
+  """
+  def to_global(x):
+    x = np.asarray(x)
+    if x.dtype.kind in "OSU":
+      return x
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree.map(to_global, local_batch)
+
+
+def iterate_global(ds: tf.data.Dataset, sharding, *, what: str,
+                   prefetch: int = 2) -> Iterator[dict]:
+  """Yields global batches, moved to devices by a background thread.
+
+  A tf.data failure (most often an image record that does not decode) becomes
+  a DataError naming the dataset and the cause, not a TF traceback.
+  """
+  buffer: queue.Queue = queue.Queue(maxsize=prefetch)
+  done = object()
+
+  def produce():
+    try:
+      for local_batch in ds.as_numpy_iterator():
+        buffer.put(to_global_arrays(local_batch, sharding))
+      buffer.put(done)
+    except tf.errors.OpError as e:
+      buffer.put(errors.DataError(
+          f"reading {what} failed: {e.message.strip().splitlines()[0]}. A "
+          "record is corrupt or not of the expected format (for images: not a "
+          "decodable JPEG/PNG). Regenerate or clean the dataset, or drop the "
+          "record from the shards."))
+    except BaseException as e:  # Surface any other failure in the consumer.
+      buffer.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  while True:
+    item = buffer.get()
+    if item is done:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item

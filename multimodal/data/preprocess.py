@@ -1,0 +1,448 @@
+"""Composable preprocessing op strings, like big_vision's `pp` strings.
+
+A spec is ops joined by `|`, each `name` or `name(args)` with Python-literal
+arguments, e.g. `decode|resize(64)|value_range(-1, 1)|flip_lr|keep("image")`.
+`parse(spec)` validates it in pure Python, so a bad config fails when it is
+loaded, not deep inside tf.data; `build(spec)` returns fn(example) -> example
+over dicts of tf tensors, for `tf.data.Dataset.map`.
+
+Ops are factories in the plain dict `OPS`. A factory only checks its arguments
+and returns a closure (parse() calls it to validate); TF work happens only in
+the closure. Random ops are stateless: they read `example["_seed"]` (int64 [2],
+added per example by the input pipeline), and build() gives op number i that
+seed folded with i, so two random ops never share randomness.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tensorflow as tf
+
+Op = Callable[[dict], dict]
+
+SEED_KEY = "_seed"
+RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3",
+                  "lanczos5", "gaussian", "mitchellcubic")
+# Factory parameters that build() supplies; a spec cannot set them.
+_RESOURCE_PARAMS = ("tokenizer",)
+
+
+class PreprocessError(ValueError):
+  """A preprocessing spec is invalid or cannot be applied to an example."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+  """One parsed op of a spec: `name(*args, **kwargs)`."""
+  name: str
+  args: tuple = ()
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __str__(self) -> str:
+    parts = [repr(a) for a in self.args]
+    parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+    return f"{self.name}({', '.join(parts)})" if parts else self.name
+
+
+# --- Argument checks: pure Python; parse() adds the op and spec to the message.
+
+def _int(name: str, value, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(f"{name} must be an int, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return value
+
+
+def _number(name: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise TypeError(f"{name} must be a number, got {value!r}")
+  return float(value)
+
+
+def _key(name: str, value) -> str:
+  if not isinstance(value, str) or not value:
+    raise TypeError(f"{name} must be a non-empty string key, got {value!r}")
+  return value
+
+
+def _keys(keys: tuple) -> None:
+  if not keys:
+    raise ValueError("needs at least one key")
+  for k in keys:
+    _key("key", k)
+
+
+def _size(value) -> tuple[int, int]:
+  """An int (square) or an (h, w) pair of positive ints."""
+  if isinstance(value, (tuple, list)):
+    if len(value) != 2:
+      raise ValueError(f"size must be an int or (height, width), got {value!r}")
+    return _int("height", value[0]), _int("width", value[1])
+  return _int("size", value), _int("size", value)
+
+
+# --- Helpers for op closures (they run when tf.data traces the map function).
+
+def _get(example: Mapping, key: str):
+  if key not in example:
+    raise PreprocessError(
+        f"key {key!r} is not in the example; it has {sorted(example)}")
+  return example[key]
+
+
+def _seed(example: Mapping) -> tf.Tensor:
+  if SEED_KEY not in example:
+    raise PreprocessError(
+        f"this op is random and needs example[{SEED_KEY!r}], an int64 tensor "
+        "of shape [2]. The input pipeline must add a per-example seed before "
+        "preprocessing, and no earlier keep/drop may remove it.")
+  return example[SEED_KEY]
+
+
+# --- Ops. Each factory checks its arguments and returns fn(example) -> example.
+
+def decode(key="image", channels=3) -> Op:
+  """Decodes image bytes (PNG/JPEG/GIF/BMP) to uint8 [H, W, channels].
+
+  A uint8 tensor (TFDS decodes images unless the pipeline passes
+  tfds.decode.SkipDecoding()) passes through unchanged, so specs need not care.
+  """
+  _key("key", key)
+  _int("channels", channels)
+
+  def fn(example):
+    value = _get(example, key)
+    if value.dtype == tf.uint8:
+      return example
+    if value.dtype != tf.string:
+      raise PreprocessError(
+          f"decode: {key!r} must hold image bytes or uint8, got {value.dtype}")
+    image = tf.io.decode_image(value, channels=channels,
+                               expand_animations=False)
+    image.set_shape([None, None, channels])
+    return {**example, key: image}
+  return fn
+
+
+def resize(size, key="image", method="bilinear", antialias=True) -> Op:
+  """Resizes to size (int: square, or (h, w)); keeps the dtype, like big_vision.
+
+  uint8 in -> uint8 out (rounded, clipped); float in -> float out. Follow it
+  with value_range to get float32. antialias=True avoids aliasing when
+  shrinking a lot (it does nothing when enlarging).
+  """
+  h, w = _size(size)
+  _key("key", key)
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"method must be one of {RESIZE_METHODS}, got {method!r}")
+  if not isinstance(antialias, bool):
+    raise TypeError(f"antialias must be a bool, got {antialias!r}")
+
+  def fn(example):
+    image = _get(example, key)
+    out = tf.image.resize(image, (h, w), method=method, antialias=antialias)
+    if image.dtype.is_integer:
+      # Bilinear/bicubic overshoot the input range: round and clip, then cast.
+      out = tf.clip_by_value(tf.round(out), image.dtype.min, image.dtype.max)
+    return {**example, key: tf.cast(out, image.dtype)}
+  return fn
+
+
+def central_crop(size, key="image") -> Op:
+  """Crops the central size (int or (h, w)) window; fails on smaller images."""
+  h, w = _size(size)
+  _key("key", key)
+
+  def fn(example):
+    image = _get(example, key)
+    shape = tf.shape(image)
+    # crop_to_bounding_box fails loudly on a too-small image instead of
+    # returning a smaller one that would only break batching later.
+    image = tf.image.crop_to_bounding_box(
+        image, (shape[0] - h) // 2, (shape[1] - w) // 2, h, w)
+    return {**example, key: image}
+  return fn
+
+
+def random_crop(size, key="image") -> Op:
+  """Crops a uniformly random size (int or (h, w)) window. Random: needs _seed."""
+  h, w = _size(size)
+  _key("key", key)
+
+  def fn(example):
+    image = _get(example, key)
+    crop_shape = tf.concat([[h, w], tf.shape(image)[2:]], axis=0)
+    out = tf.image.stateless_random_crop(image, crop_shape, seed=_seed(example))
+    out.set_shape([h, w, image.shape[-1]])
+    return {**example, key: out}
+  return fn
+
+
+def value_range(vmin, vmax, in_min=0, in_max=255, key="image") -> Op:
+  """Maps [in_min, in_max] linearly to [vmin, vmax] as float32 (no clipping)."""
+  vmin, vmax = _number("vmin", vmin), _number("vmax", vmax)
+  in_min, in_max = _number("in_min", in_min), _number("in_max", in_max)
+  _key("key", key)
+  if in_min == in_max:
+    raise ValueError(f"in_min and in_max must differ, both are {in_min}")
+
+  def fn(example):
+    x = tf.cast(_get(example, key), tf.float32)
+    # Going through [0, 1] maps the endpoints exactly onto vmin and vmax.
+    x = (x - in_min) / (in_max - in_min)
+    return {**example, key: vmin + x * (vmax - vmin)}
+  return fn
+
+
+def flip_lr(key="image") -> Op:
+  """Flips the image left-right with probability 0.5. Random: needs _seed."""
+  _key("key", key)
+
+  def fn(example):
+    image = tf.image.stateless_random_flip_left_right(
+        _get(example, key), seed=_seed(example))
+    return {**example, key: image}
+  return fn
+
+
+def choice(inkey, outkey=None) -> Op:
+  """Picks a random element of the 1-D tensor inkey into outkey (default inkey).
+
+  E.g. choice(inkey="captions", outkey="text") picks one of several captions
+  uniformly. Random: needs _seed. Fails at run time on an empty tensor.
+  """
+  _key("inkey", inkey)
+  outkey = inkey if outkey is None else _key("outkey", outkey)
+
+  def fn(example):
+    values = _get(example, inkey)
+    if values.shape.rank != 1:
+      raise PreprocessError(
+          f"choice needs a 1-D tensor in {inkey!r}, got shape {values.shape}")
+    n = tf.shape(values)[0]
+    with tf.control_dependencies(
+        [tf.debugging.assert_positive(n, message=f"choice: {inkey} is empty")]):
+      index = tf.random.stateless_uniform(
+          [], seed=_seed(example), minval=0, maxval=n, dtype=tf.int32)
+    return {**example, outkey: tf.gather(values, index)}
+  return fn
+
+
+def tokenize(max_len, inkey="text", outkey="tokens", *, tokenizer=None) -> Op:
+  """Tokenizes a string to int32 [max_len] ids (1-D strings: [n, max_len]).
+
+  Ids end with EOS and are padded with 0 (see Tokenizer.encode). The tokenizer
+  comes from build(spec, tokenizer=...), not from the spec.
+  """
+  _int("max_len", max_len)
+  _key("inkey", inkey)
+  _key("outkey", outkey)
+
+  def fn(example):
+    if tokenizer is None:
+      raise PreprocessError("tokenize needs build(spec, tokenizer=...)")
+    tokens = tokenizer.tf_encode(_get(example, inkey), max_len)
+    return {**example, outkey: tokens}
+  return fn
+
+
+def object_label(attribute="shape", outkey="label", inkey="objects") -> Op:
+  """Sets outkey to example[inkey][attribute][0], int32: the 1st object's class.
+
+  For zero-shot evaluation on single-object images. TFDS Sequence features
+  arrive as e.g. example["objects"]["shape"], a 1-D tensor.
+  """
+  _key("attribute", attribute)
+  _key("outkey", outkey)
+  _key("inkey", inkey)
+
+  def fn(example):
+    values = _get(_get(example, inkey), attribute)
+    with tf.control_dependencies([tf.debugging.assert_positive(
+        tf.size(values), message=f"object_label: the example has no {inkey}")]):
+      label = tf.cast(values[0], tf.int32)
+    return {**example, outkey: label}
+  return fn
+
+
+def keep(*keys) -> Op:
+  """Keeps only the listed keys (each must exist); all others, _seed too, go."""
+  _keys(keys)
+  return lambda example: {k: _get(example, k) for k in keys}
+
+
+def drop(*keys) -> Op:
+  """Removes the listed keys (each must exist)."""
+  _keys(keys)
+
+  def fn(example):
+    for k in keys:
+      _get(example, k)  # A typo in a dropped key should not pass silently.
+    return {k: v for k, v in example.items() if k not in keys}
+  return fn
+
+
+def rename(**new_from_old) -> Op:
+  """Renames keys: rename(text="caption") moves example["caption"] to "text"."""
+  if not new_from_old:
+    raise ValueError('rename needs at least one new="old" pair')
+  for old in new_from_old.values():
+    _key("old key", old)
+
+  def fn(example):
+    moved = {new: _get(example, old) for new, old in new_from_old.items()}
+    olds = set(new_from_old.values())
+    return {**{k: v for k, v in example.items() if k not in olds}, **moved}
+  return fn
+
+
+def copy(inkey, outkey) -> Op:
+  """Copies example[inkey] to example[outkey]."""
+  _key("inkey", inkey)
+  _key("outkey", outkey)
+  return lambda example: {**example, outkey: _get(example, inkey)}
+
+
+# The op table: a spec's op names are exactly these function names.
+OPS: dict[str, Callable[..., Op]] = {f.__name__: f for f in (
+    decode, resize, central_crop, random_crop, value_range, flip_lr, choice,
+    tokenize, object_label, keep, drop, rename, copy)}
+
+
+def _user_signature(factory: Callable) -> inspect.Signature:
+  """The factory's signature without the parameters build() supplies."""
+  sig = inspect.signature(factory)
+  params = [p for p in sig.parameters.values()
+            if p.name not in _RESOURCE_PARAMS]
+  return sig.replace(parameters=params,
+                     return_annotation=inspect.Signature.empty)
+
+
+def describe_ops() -> str:
+  """One line per op: its signature and the first line of its docstring."""
+  lines = []
+  for name, factory in OPS.items():
+    doc = (inspect.getdoc(factory) or "").splitlines()
+    lines.append(f"  {name}{_user_signature(factory)}: {doc[0] if doc else ''}")
+  return "\n".join(lines)
+
+
+# --- Parsing. A spec is a Python expression: `a|b(1)` is a chain of BitOr
+# nodes, so ast gives us quoting, nesting and error positions for free.
+
+def _flatten(node: ast.AST) -> list[ast.AST]:
+  if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+    return _flatten(node.left) + _flatten(node.right)
+  return [node]
+
+
+def _literal(node: ast.AST, what: str, op: str, spec: str):
+  try:
+    return ast.literal_eval(node)
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+    hint = " (strings need quotes)" if isinstance(node, ast.Name) else ""
+    raise PreprocessError(
+        f"op {op!r}: {what} must be a Python literal, got "
+        f"`{ast.unparse(node)}`{hint}; in spec {spec!r}") from None
+
+
+def _parse_op(node: ast.AST, spec: str) -> OpCall:
+  if isinstance(node, ast.Name):
+    return OpCall(node.id)
+  if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+    raise PreprocessError(f"malformed op `{ast.unparse(node)}`: expected "
+                          f"`name` or `name(args)`; in spec {spec!r}")
+  name = node.func.id
+  if any(isinstance(a, ast.Starred) for a in node.args) or any(
+      kw.arg is None for kw in node.keywords):
+    raise PreprocessError(f"op {name!r}: *args/**kwargs are not allowed; "
+                          f"in spec {spec!r}")
+  args = tuple(_literal(a, f"argument {i + 1}", name, spec)
+               for i, a in enumerate(node.args))
+  kwargs = {kw.arg: _literal(kw.value, f"argument {kw.arg}=", name, spec)
+            for kw in node.keywords}
+  return OpCall(name, args, kwargs)
+
+
+def _validate(call: OpCall, spec: str) -> None:
+  factory = OPS.get(call.name)
+  if factory is None:
+    close = difflib.get_close_matches(call.name, OPS, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise PreprocessError(
+        f"unknown preprocessing op {call.name!r} in spec {spec!r}.{hint}\n"
+        f"Valid ops:\n{describe_ops()}")
+  sig = _user_signature(factory)
+  try:
+    sig.bind(*call.args, **call.kwargs)
+  except TypeError as e:
+    raise PreprocessError(f"op `{call}` does not fit {call.name}{sig}: {e}; "
+                          f"in spec {spec!r}") from None
+  try:
+    factory(*call.args, **call.kwargs)  # Only pure-Python argument checks.
+  except (TypeError, ValueError) as e:
+    raise PreprocessError(f"op `{call}`: {e}; in spec {spec!r}") from None
+
+
+def parse(spec: str) -> list[OpCall]:
+  """Parses and checks a spec without running anything; PreprocessError if bad."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise PreprocessError(f"a preprocessing spec must be a non-empty string, "
+                          f"got {spec!r}")
+  # Newlines are only layout in a spec, but would end a Python expression.
+  source = spec.replace("\n", " ").strip()
+  try:
+    tree = ast.parse(source, mode="eval")
+  except SyntaxError as e:
+    where = f" near column {e.offset}" if e.offset else ""
+    raise PreprocessError(
+        f"bad syntax in preprocessing spec {spec!r}{where}: {e.msg}") from None
+  calls = [_parse_op(node, spec) for node in _flatten(tree.body)]
+  for call in calls:
+    _validate(call, spec)
+  return calls
+
+
+def build(spec: str, *, tokenizer=None) -> Op:
+  """Builds fn(example) -> example from a spec, for tf.data.Dataset.map."""
+  calls = parse(spec)
+  fns = []
+  for call in calls:
+    factory = OPS[call.name]
+    resources = {}
+    if "tokenizer" in inspect.signature(factory).parameters:
+      if tokenizer is None:
+        raise PreprocessError(
+            f"spec {spec!r} uses `{call.name}`, which needs a tokenizer: "
+            "call build(spec, tokenizer=...)")
+      resources["tokenizer"] = tokenizer
+    fns.append(factory(*call.args, **call.kwargs, **resources))
+
+  # The ops are plain TF code: AutoGraph would only slow tracing down and
+  # wrap our PreprocessErrors in its StagingError.
+  @tf.autograph.experimental.do_not_convert
+  def preprocess(example: Mapping[str, Any]) -> dict:
+    example = dict(example)
+    base_seed = example.get(SEED_KEY)
+    for i, (call, fn) in enumerate(zip(calls, fns)):
+      if base_seed is not None and SEED_KEY in example:
+        # Each position in the chain gets its own stream of randomness.
+        example[SEED_KEY] = tf.random.experimental.stateless_fold_in(
+            base_seed, i)
+      try:
+        example = dict(fn(example))
+      except PreprocessError as e:
+        raise PreprocessError(
+            f"op #{i} `{call}` of spec {spec!r}: {e}") from None
+      if base_seed is not None and SEED_KEY in example:
+        example[SEED_KEY] = base_seed
+    return example
+
+  preprocess.spec = spec
+  return preprocess

@@ -1,0 +1,1 @@
+"""Evaluators: each turns params into a dict of named metrics."""

@@ -1,0 +1,79 @@
+"""CLIP / SigLIP two-tower model (after big_vision's proj/image_text/two_towers)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from multimodal.models import layers
+from multimodal.models.text import TextTransformer
+from multimodal.models.vit import ViT
+
+Dtype = Any
+
+
+def l2_normalize(x, eps: float = 1e-8):
+  # In float32: contrastive logits are dot products of these, and bf16 norms
+  # are too coarse for a temperature of ~100.
+  x = x.astype(jnp.float32)
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
+
+
+class TwoTowers(nn.Module):
+  """Image tower (ViT) + text tower (TextTransformer) with a shared space.
+
+  Each tower is built with ``num_classes=out_dim`` so it ends in a Dense
+  projection named "head" (params under "img/head" and "txt/head"; the heads
+  are never zero-initialised, which would give zero embeddings).
+  ``dtype`` is the compute dtype passed to both towers unless their dicts set one.
+
+  ``t_log`` stores log of the temperature *multiplier* (logits = t * z_i.z_t);
+  CLIP: temperature_init=1/0.07, SigLIP: 10 with bias_init=-10.
+
+  ``__call__(image, text, train=False) -> (zimg, ztxt, aux)``: float32,
+  L2-normalised embeddings (None for a None input); aux has "t" = exp(t_log)
+  (unclamped), "t_log", "b" (only if bias_init is not None), "img"/"txt"
+  tower aux dicts (only for towers that ran).
+  """
+  image: dict
+  text: dict
+  out_dim: int
+  temperature_init: float = 10.0
+  bias_init: float | None = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.img = ViT(**{"head_zeroinit": False, "dtype": self.dtype, **self.image,
+                      "num_classes": self.out_dim})
+    self.txt = TextTransformer(**{"head_zeroinit": False, "dtype": self.dtype, **self.text,
+                                  "num_classes": self.out_dim})
+    self.t_log = self.param(
+        "t_log", layers.partitioned(nn.initializers.constant(math.log(self.temperature_init)), ()),
+        (), jnp.float32)
+    if self.bias_init is not None:
+      self.b = self.param(
+          "b", layers.partitioned(nn.initializers.constant(self.bias_init), ()), (), jnp.float32)
+
+  def embed_image(self, image, *, train: bool = False):
+    """(B, H, W, C) -> (zimg (B, out_dim) unit-norm float32, image-tower aux)."""
+    z, aux = self.img(image, train=train)
+    return l2_normalize(z), aux
+
+  def embed_text(self, tokens, *, train: bool = False):
+    """(B, L) -> (ztxt (B, out_dim) unit-norm float32, text-tower aux)."""
+    z, aux = self.txt(tokens, train=train)
+    return l2_normalize(z), aux
+
+  def __call__(self, image, text, *, train: bool = False):
+    aux = {"t_log": self.t_log, "t": jnp.exp(self.t_log)}
+    if self.bias_init is not None:
+      aux["b"] = self.b
+    zimg = ztxt = None
+    if image is not None:
+      zimg, aux["img"] = self.embed_image(image, train=train)
+    if text is not None:
+      ztxt, aux["txt"] = self.embed_text(text, train=train)
+    return zimg, ztxt, aux

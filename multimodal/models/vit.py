@@ -1,0 +1,140 @@
+"""Vision Transformer image tower (after big_vision's models/vit.py)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from multimodal.models import layers
+
+Dtype = Any
+
+# name -> (width, depth, mlp_dim, num_heads)
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (64, 2, 256, 2),      # unit tests / smoke runs
+    "nano": (128, 4, 512, 4),   # CPU demos
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str) -> dict:
+  """"B/16" -> dict(width, depth, mlp_dim, num_heads, patch_size=(16, 16)).
+
+  The patch part is optional ("S" gives no patch_size key) and may be
+  rectangular ("B/16x8" -> (16, 8)).
+  """
+  m = re.fullmatch(r"([A-Za-z0-9]+)(?:/(\d+)(?:x(\d+))?)?", variant or "")
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(f"Unknown model variant {variant!r}; valid names are "
+                     f"{sorted(VARIANTS)}, optionally followed by /PATCH (e.g. 'B/16').")
+  width, depth, mlp_dim, num_heads = VARIANTS[m.group(1)]
+  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if m.group(2):
+    p = int(m.group(2))
+    out["patch_size"] = (p, int(m.group(3)) if m.group(3) else p)
+  return out
+
+
+class ViT(nn.Module):
+  """ViT on NHWC images.
+
+  If ``variant`` is given it OVERRIDES width/depth/mlp_dim/num_heads (and
+  patch_size when the variant names one); the explicit fields are used only
+  when ``variant`` is None.
+
+  Position embeddings: "learn" follows the original ViT/timm layout (one
+  learned row per token, including the cls token for pool_type="tok", which is
+  what the published parameter counts assume); "sincos2d" is added to patch
+  tokens only (the cls token gets none, as in MAE/big_vision).
+
+  ``__call__(image, train=False) -> (out, aux)``: ``out`` is logits (B,
+  num_classes) if num_classes else the pooled features (B, width) — or the
+  token sequence (B, N, width) for pool_type="none". ``aux`` holds
+  "encoded" (B, N, width: final-LN patch tokens, no cls), "pre_logits" and
+  "blocks" ({"block00": (B, N, width), ...}, patch tokens only, before the
+  final LN). N = number of patches.
+  """
+  num_classes: int | None = None
+  variant: str | None = None
+  patch_size: Sequence[int] = (16, 16)
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int | None = None  # None -> 4 * width
+  num_heads: int = 12
+  posemb: str = "learn"  # "learn" | "sincos2d"
+  pool_type: str = "tok"  # "tok" | "gap" | "map" | "none"
+  head_zeroinit: bool = True
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  def _config(self) -> dict:
+    cfg = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
+               num_heads=self.num_heads, patch_size=tuple(self.patch_size))
+    if self.variant is not None:
+      cfg.update(decode_variant(self.variant))
+    return cfg
+
+  @nn.compact
+  def __call__(self, image, *, train: bool = False):
+    cfg = self._config()
+    width, ps = cfg["width"], cfg["patch_size"]
+    if self.pool_type not in ("tok", "gap", "map", "none"):
+      raise ValueError(f"Unknown pool_type {self.pool_type!r}")
+    if self.posemb not in ("learn", "sincos2d"):
+      raise ValueError(f"Unknown posemb {self.posemb!r}")
+    aux = {}
+
+    x = nn.Conv(width, ps, strides=ps, padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                               (None, None, None, "embed")),
+                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
+                name="embedding")(jnp.asarray(image, self.dtype))
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, [n, h * w, c])
+    num_patches = h * w
+
+    if self.posemb == "sincos2d":
+      x = x + layers.posemb_sincos_2d(h, w, c, dtype=self.dtype)
+    if self.pool_type == "tok":
+      cls = self.param("cls", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, c), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), [n, 1, 1]), x], axis=1)
+    if self.posemb == "learn":
+      x = x + layers.learned_posemb(self, x.shape[1], c, dtype=self.dtype)
+    x = nn.with_logical_constraint(x, layers.RESIDUAL)
+    x = nn.Dropout(self.dropout)(x, not train)
+
+    x, blocks = layers.Encoder(
+        depth=cfg["depth"], mlp_dim=cfg["mlp_dim"], num_heads=cfg["num_heads"],
+        dropout=self.dropout, remat=self.remat, dtype=self.dtype, name="Transformer",
+    )(x, deterministic=not train)
+    # Drop the cls token so every tap is a clean (B, N, width) patch grid.
+    ntok = x.shape[1] - num_patches
+    aux["blocks"] = {k: v[:, ntok:] for k, v in blocks.items()}
+    encoded = x[:, ntok:]
+    aux["encoded"] = encoded
+
+    if self.pool_type == "tok":
+      x = x[:, 0]
+    elif self.pool_type == "gap":
+      x = jnp.mean(x, axis=1)
+    elif self.pool_type == "map":
+      x = layers.MAPHead(mlp_dim=cfg["mlp_dim"], num_heads=cfg["num_heads"], dtype=self.dtype,
+                         name="MAPHead_0")(x)
+    aux["pre_logits"] = x
+
+    if self.num_classes:
+      x = layers.head_dense(self.num_classes, self.head_zeroinit, self.dtype)(x)
+      aux["logits"] = x
+    return x, aux

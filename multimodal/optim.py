@@ -1,0 +1,62 @@
+"""The optax chain a config describes: clipping, AdamW with a weight-decay
+mask, and warmup followed by a decay. Nothing here is hand-written optimizer
+math; it only assembles optax pieces.
+"""
+from __future__ import annotations
+
+import re
+
+import optax
+from flax import traverse_util
+
+
+def param_paths(params) -> dict:
+  """{'img/encoder/block00/mlp/Dense_0/kernel': leaf, ...}."""
+  return {"/".join(map(str, k)): v
+          for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def path_mask(params, pattern: str):
+  """A pytree of bools, True where a parameter's '/'-joined path matches."""
+  regex = re.compile(pattern)
+  flat = traverse_util.flatten_dict(params)
+  mask = {k: bool(regex.fullmatch("/".join(map(str, k)))) for k in flat}
+  return traverse_util.unflatten_dict(mask)
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+  sched = config.schedule
+  warmup = int(sched.warmup_steps)
+  if sched.decay_type == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=config.lr * sched.get("min_lr_ratio", 0.0))
+  if sched.decay_type == "linear":
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, config.lr, warmup),
+        optax.linear_schedule(config.lr, config.lr * sched.get("min_lr_ratio", 0.0),
+                              max(total_steps - warmup, 1))], [warmup])
+  if sched.decay_type == "constant":
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, config.lr, warmup),
+        optax.constant_schedule(config.lr)], [warmup])
+  raise ValueError(
+      f"config.schedule.decay_type={sched.decay_type!r} is not one of "
+      "'cosine', 'linear', 'constant'.")
+
+
+def make_optimizer(config, params, total_steps: int):
+  """Returns (optax transformation, learning-rate schedule)."""
+  schedule = learning_rate_schedule(config, total_steps)
+  # Decay only the parameters the pattern names (by default the matmul
+  # kernels): decaying norms, biases and the temperature hurts, as in CLIP.
+  decay_mask = path_mask(params, config.wd_mask)
+  parts = []
+  if config.get("grad_clip_norm"):
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adamw(
+      schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
+      weight_decay=config.wd, mask=decay_mask))
+  return optax.chain(*parts), schedule
+

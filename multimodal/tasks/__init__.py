@@ -1,0 +1,21 @@
+"""Tasks bind a model to a loss, a data stream and evaluators.
+
+`get(name)` maps `config.task` to its class; the table is explicit (no
+registration by import side effect) so a reader sees every task here.
+"""
+from __future__ import annotations
+
+import importlib
+
+# config.task -> "module:Class", imported on demand so a task's heavy
+# dependencies load only when it runs.
+_TASKS = {
+    "clip": "multimodal.tasks.clip:ContrastiveTask",
+}
+
+
+def get(name: str):
+  if name not in _TASKS:
+    raise ValueError(f"unknown config.task '{name}'; known tasks: {sorted(_TASKS)}.")
+  module, cls = _TASKS[name].split(":")
+  return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,71 @@
+"""The small interface between a task and the generic trainer.
+
+The trainer knows nothing of any model: it asks a task for initial params
+(boxed with logical axis names), a loss on a global batch, a training data
+stream, and evaluators. Everything else (mesh, optimizer, checkpoints, metrics,
+progress) is the trainer's.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+
+import jax
+import tensorflow as tf
+
+from multimodal import sharding
+from multimodal.data import pipeline, sources
+
+
+class Task(abc.ABC):
+  """Base class: subclasses define the model, the loss and the evaluators."""
+
+  def __init__(self, config):
+    self.config = config
+    self.source = sources.open_source(
+        config.input.data, data_dir=config.input.get("data_dir"),
+        shapes_world=config.input.get("shapes_world"))
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array):
+    """Returns params whose leaves are nn.LogicallyPartitioned."""
+
+  @abc.abstractmethod
+  def loss_fn(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """(scalar loss, dict of scalar metrics) on one global batch."""
+
+  @abc.abstractmethod
+  def evaluators(self, mesh) -> list:
+    """Objects with `.name` and `.run(params) -> dict[str, float]`."""
+
+  @abc.abstractmethod
+  def train_pp(self) -> Callable:
+    """The per-example preprocessing function of the training stream."""
+
+  def num_train_examples(self) -> int | None:
+    try:
+      return self.source.num_examples(self.config.input.split)
+    except Exception:  # Sources without split sizes (TFRecord shards).
+      return None
+
+  def train_dataset(self, *, start_example: int, local_batch_size: int,
+                    process_index: int, process_count: int) -> tf.data.Dataset:
+    return pipeline.train_dataset(
+        self.source, split=self.config.input.split, pp_fn=self.train_pp(),
+        local_batch_size=local_batch_size, seed=self.config.seed,
+        start_example=start_example,
+        shuffle_buffer=self.config.input.shuffle_buffer,
+        process_index=process_index, process_count=process_count)
+
+  def eval_batches(self, mesh, *, split: str, pp_fn: Callable, batch_size: int,
+                   filter_fn=None) -> Callable[[], Iterator[dict]]:
+    """A factory of one-pass iterators of global eval batches."""
+    def batches():
+      ds = pipeline.eval_dataset(
+          self.source, split=split, pp_fn=pp_fn,
+          local_batch_size=batch_size // jax.process_count(),
+          filter_fn=filter_fn, process_index=jax.process_index(),
+          process_count=jax.process_count())
+      return pipeline.iterate_global(ds, sharding.batch_sharding(mesh),
+                                     what=f"{self.source.name}[{split}]")
+    return batches

@@ -1,0 +1,116 @@
+"""Contrastive image-text pretraining: CLIP (softmax) and SigLIP (sigmoid)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from multimodal import losses, sharding
+from multimodal.data import pipeline, tokenizer as tokenizer_lib
+from multimodal.evaluators import retrieval, templates, zero_shot
+from multimodal.models import two_towers
+from multimodal.tasks import base
+
+LOSSES = ("softmax", "sigmoid")
+# How many training captions teach the tokenizer when none is given.
+TOKENIZER_TRAINING_EXAMPLES = 20_000
+
+
+class ContrastiveTask(base.Task):
+  """Two towers trained with config.loss in {"softmax", "sigmoid"}."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    if config.loss not in LOSSES:
+      raise ValueError(f"config.loss={config.loss!r} is not one of {LOSSES}.")
+    self.tokenizer = self._tokenizer()
+    self.max_len = config.input.tokenizer.max_len
+    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+    self.model = two_towers.TwoTowers(
+        image={**config.model.image.to_dict(), "dtype": dtype},
+        text={**config.model.text.to_dict(), "dtype": dtype,
+              "vocab_size": self.tokenizer.vocab_size,
+              "eos_id": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id},
+        out_dim=config.model.out_dim,
+        temperature_init=config.model.temperature_init,
+        bias_init=config.model.get("bias_init"))
+
+  def _tokenizer(self):
+    cfg = self.config.input.tokenizer
+    split = self.config.input.split
+
+    def training_captions():
+      ds = self.source.read(split).take(TOKENIZER_TRAINING_EXAMPLES)
+      for example in ds.as_numpy_iterator():
+        for caption in np.atleast_1d(example["captions"]):
+          yield caption.decode("utf-8")
+
+    safe_name = "".join(c if c.isalnum() else "_" for c in self.source.name)
+    return tokenizer_lib.get_tokenizer(
+        cfg.get("model"), cache_dir=self.source.data_dir,
+        cache_name=f"{safe_name}_captions", texts_fn=training_captions,
+        vocab_size=cfg.vocab_size)
+
+  # --- the trainer's interface -------------------------------------------
+
+  def train_pp(self):
+    return pipeline.build_pp(self.config.input.pp, tokenizer=self.tokenizer)
+
+  def init(self, rng):
+    size = self.config.input.image_size
+    image = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, self.max_len), jnp.int32)
+    return self.model.init(rng, image, tokens)["params"]
+
+  def loss_fn(self, params, batch, rng):
+    del rng  # No dropout in these models yet.
+    zimg, ztxt, aux = self.model.apply(
+        {"params": params}, batch["image"], batch["tokens"], train=True)
+    if self.config.loss == "softmax":
+      loss, logits = losses.softmax_contrastive_loss(zimg, ztxt, aux["t"])
+    else:
+      loss, logits = losses.sigmoid_contrastive_loss(zimg, ztxt, aux["t"], aux["b"])
+    in_batch_accuracy = jnp.mean(
+        jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+    metrics = {"temperature": aux["t"], "in_batch_accuracy": in_batch_accuracy}
+    if "b" in aux:
+      metrics["bias"] = aux["b"]
+    return loss, metrics
+
+  def evaluators(self, mesh):
+    encode_images = jax.jit(
+        lambda params, images: self.model.apply(
+            {"params": params}, images, method=self.model.embed_image)[0],
+        out_shardings=sharding.batch_sharding(mesh))
+    embed_tokens = jax.jit(
+        lambda params, tokens: self.model.apply(
+            {"params": params}, tokens, method=self.model.embed_text)[0],
+        out_shardings=sharding.replicated(mesh))
+
+    def encode_texts(params, texts):
+      return embed_tokens(params, self.tokenizer.encode(list(texts), self.max_len))
+
+    result = []
+    for name, cfg in sorted(self.config.evals.items()):
+      pp_fn = pipeline.build_pp(cfg.pp, tokenizer=self.tokenizer)
+      filter_fn = ((lambda ex: tf.equal(ex["num_objects"], 1))
+                   if cfg.get("single_object_only") else None)
+      batches = self.eval_batches(
+          mesh, split=cfg.split, pp_fn=pp_fn, filter_fn=filter_fn,
+          batch_size=cfg.get("batch_size", self.config.input.batch_size))
+      if cfg.type == "zero_shot":
+        result.append(zero_shot.ZeroShotClassification(
+            name=name, batches=batches,
+            class_names=self.source.class_names(cfg.classes),
+            templates=templates.get(cfg.templates),
+            encode_texts=encode_texts, encode_images=encode_images))
+      elif cfg.type == "retrieval":
+        result.append(retrieval.Retrieval(
+            name=name, batches=batches, encode_images=encode_images,
+            encode_tokens=embed_tokens))
+      else:
+        raise ValueError(
+            f"config.evals.{name}.type={cfg.type!r}; this task knows "
+            "'zero_shot' and 'retrieval'.")
+    return result

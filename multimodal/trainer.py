@@ -1,0 +1,210 @@
+"""The one generic sharded train loop, shared by every task.
+
+`train(task, config, workdir)` builds the mesh, initialises (or restores) the
+train state directly onto its shards, runs one jitted step with explicit
+in/out shardings, logs, checkpoints, evaluates, and returns the final results.
+It knows nothing of any model: all of that is behind the task's interface.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from tqdm import tqdm
+
+from multimodal import checkpoint, config_lib, optim, sharding
+from multimodal.data import pipeline
+from multimodal.metrics_writer import MetricsWriter
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def _mesh_context(mesh):
+  """Mesh + logical rules, so activation constraints resolve while tracing."""
+  return _Both(jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+               nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
+
+
+class _Both:
+  def __init__(self, *contexts):
+    self.contexts = contexts
+
+  def __enter__(self):
+    for c in self.contexts:
+      c.__enter__()
+
+  def __exit__(self, *exc):
+    for c in reversed(self.contexts):
+      c.__exit__(*exc)
+
+
+def create_train_state(task, config, mesh, total_steps: int):
+  """Returns (init_fn, state_shardings, optimizer, schedule).
+
+  Shapes and shardings come from `jax.eval_shape`, so no parameter is ever
+  materialised unsharded: init runs under jit straight into its shards.
+  """
+  rng = jax.random.key(config.seed)
+  boxed_params = jax.eval_shape(task.init, rng)
+  tx, schedule = optim.make_optimizer(
+      config, sharding.strip_boxes(boxed_params), total_steps)
+
+  def init_boxed_state(rng):
+    params = task.init(rng)
+    # The optimizer state mirrors the params, boxes (and so shardings) included.
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  state_shardings = sharding.logical_shardings(
+      jax.eval_shape(init_boxed_state, rng), mesh)
+  init_fn = jax.jit(lambda rng: nn.unbox(init_boxed_state(rng)),
+                    out_shardings=state_shardings)
+  return (lambda: init_fn(rng)), state_shardings, tx, schedule
+
+
+def make_train_step(task, config, tx, schedule, state_shardings, mesh):
+  base_rng = jax.random.key(config.seed + 1)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        state["params"], batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state["step"])}
+    new_state = {"step": state["step"] + 1, "params": params,
+                 "opt_state": opt_state}
+    return new_state, metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def _check_finite(metrics: dict, step: int, mngr) -> None:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    last = mngr.latest_step()
+    kept = (f"the last good checkpoint (step {last}) is kept in "
+            f"{mngr.directory}" if last is not None else "no checkpoint was written yet")
+    raise TrainingDivergedError(
+        f"the loss became {loss} at step {step}; {kept}, and no state after "
+        "the divergence was saved. Lower --config.lr, set "
+        "--config.grad_clip_norm, or use --config.compute_dtype=float32, then "
+        "rerun: the run resumes from that checkpoint.")
+
+
+def run_evaluators(evaluators, params, mesh) -> dict:
+  results = {}
+  with _mesh_context(mesh):
+    for evaluator in evaluators:
+      for key, value in evaluator.run(params).items():
+        results[f"{evaluator.name}/{key}"] = value
+  return results
+
+
+def train(task, config, workdir: str) -> dict:
+  """Trains `task` as `config` says, in `workdir`; returns the final results."""
+  start_time = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  total_steps = config_lib.total_steps(config, task.num_train_examples())
+  global_batch = config.input.batch_size
+  if global_batch % sharding.data_parallel_size(mesh):
+    raise config_lib.ConfigError(
+        f"config.input.batch_size={global_batch} must be divisible by the "
+        f"{sharding.data_parallel_size(mesh)} data-parallel devices of "
+        f"config.mesh={dict(config.mesh)}.")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+
+  with _mesh_context(mesh):
+    init_fn, state_shardings, tx, schedule = create_train_state(
+        task, config, mesh, total_steps)
+    train_step = make_train_step(task, config, tx, schedule, state_shardings, mesh)
+    mngr = checkpoint.manager(workdir, save_interval_steps=config.ckpt_steps,
+                              keep=config.get("keep_ckpts", 2))
+    if mngr.latest_step() is not None:
+      abstract = checkpoint.abstract_like(
+          jax.eval_shape(init_fn), state_shardings)
+      state, data_position = checkpoint.restore(mngr, abstract)
+      print(f"Resuming from step {int(state['step'])} of {mngr.directory}.")
+    else:
+      state, data_position = init_fn(), {"examples_per_process": 0}
+  start_step = int(state["step"])
+  local_batch = global_batch // jax.process_count()
+
+  writer = MetricsWriter(workdir)
+  evaluators = task.evaluators(mesh)
+  ds = task.train_dataset(
+      start_example=data_position["examples_per_process"],
+      local_batch_size=local_batch, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  batches = pipeline.iterate_global(ds, sharding.batch_sharding(mesh),
+                                    what=f"{config.input.data}[{config.input.split}]")
+  log_every = config.get("log_steps", 50)
+  eval_every = config.get("eval_every") or 0
+  progress = tqdm(total=total_steps, initial=start_step, unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  results: dict = {}
+  step = start_step
+  try:
+    with _mesh_context(mesh):
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, next(batches))
+        progress.update(1)
+        is_last = step == total_steps
+        if step % log_every == 0 or is_last or step % config.ckpt_steps == 0:
+          metrics = jax.device_get(metrics)
+          _check_finite(metrics, step, mngr)
+          writer.write(step, metrics)
+          progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        checkpoint.save(mngr, step, state,
+                        {"examples_per_process": step * local_batch},
+                        force=is_last)
+        if eval_every and step % eval_every == 0 and not is_last:
+          writer.write(step, run_evaluators(evaluators, state["params"], mesh))
+  finally:
+    progress.close()
+    mngr.wait_until_finished()
+
+  results = run_evaluators(evaluators, state["params"], mesh)
+  writer.write(step, results)
+  writer.close()
+  summary = {"step": step, "total_steps": total_steps,
+             "wall_time_seconds": round(time.time() - start_time, 1),
+             "metrics": results}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  mngr.close()
+  return summary
+
+
+def evaluate(task, config, workdir: str) -> dict:
+  """Re-runs the task's evaluators on the latest checkpoint of `workdir`."""
+  mesh = sharding.make_mesh(config.mesh)
+  total_steps = config_lib.total_steps(config, task.num_train_examples())
+  with _mesh_context(mesh):
+    init_fn, state_shardings, _, _ = create_train_state(task, config, mesh, total_steps)
+    mngr = checkpoint.manager(workdir, read_only=True)
+    abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)
+    state, _ = checkpoint.restore(mngr, abstract)
+  results = run_evaluators(task.evaluators(mesh), state["params"], mesh)
+  summary = {"step": int(state["step"]), "metrics": results}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary

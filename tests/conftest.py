@@ -1,0 +1,51 @@
+"""Shared fixtures. Eight simulated CPU devices make every test see a real mesh;
+the flag must be set before JAX is first imported."""
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+# A shapes world small enough to build in seconds, shared by every test that
+# trains or evaluates.
+TINY_WORLD = dict(image_size=32, train_examples=2_000, eval_examples=200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  from multimodal.data import shapes_builder
+  shapes_builder.prepare(str(path), **TINY_WORLD)
+  return str(path)
+
+
+def tiny_clip_config(data_dir, arg="", **overrides):
+  """The default CLIP config shrunk to test size, on the tiny world."""
+  from configs import clip_shapes
+  base = "variant=mu/8,text_variant=mu,steps=20,res=32,batch=32"
+  config = clip_shapes.get_config(f"{base},{arg}" if arg else base)
+  config.input.data_dir = data_dir
+  config.input.shapes_world = dict(TINY_WORLD)
+  config.input.shuffle_buffer = 500
+  config.input.tokenizer.vocab_size = 128
+  config.log_steps = 5
+  config.ckpt_steps = 10
+  for evaluator in config.evals.values():
+    evaluator.batch_size = 64
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def clip_task(data_dir):
+  """One tiny contrastive task (tokenizer trained once) for the whole session."""
+  from multimodal.tasks import clip
+  return clip.ContrastiveTask(tiny_clip_config(data_dir))

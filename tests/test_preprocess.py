@@ -1,0 +1,271 @@
+"""Tests for preprocessing op strings: parsing errors and what each op does."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from multimodal.data import preprocess as pp
+from multimodal.data import tokenizer as tokenizer_lib
+
+
+def image(h: int = 8, w: int = 12, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+
+
+def seeded(seed: int, **features) -> dict:
+  return {**features, "_seed": tf.constant([seed, 17], tf.int64)}
+
+
+def run(spec: str, example: dict, **kwargs) -> dict:
+  out = pp.build(spec, **kwargs)(example)
+  return tf.nest.map_structure(lambda v: v.numpy(), out)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  path = tmp_path_factory.mktemp("spm") / "pp.model"
+  texts = [f"a {c} {s} left of a {o}." for c in ("red", "blue", "green")
+           for s in ("circle", "star", "square") for o in ("heart", "cross")]
+  tokenizer_lib.train_sentencepiece(texts * 5, str(path), vocab_size=48)
+  return tokenizer_lib.Tokenizer(str(path))
+
+
+# --- parse -------------------------------------------------------------------
+
+def test_parse_valid_spec():
+  calls = pp.parse('decode|resize(64)|value_range(-1, 1)|flip_lr|'
+                   'choice(inkey="captions", outkey="text")|'
+                   'tokenize(max_len=16, inkey="text", outkey="tokens")|'
+                   'keep("image", "tokens")')
+  assert [c.name for c in calls] == ["decode", "resize", "value_range",
+                                     "flip_lr", "choice", "tokenize", "keep"]
+  assert calls[1].args == (64,) and calls[2].args == (-1, 1)
+  assert calls[5].kwargs == {"max_len": 16, "inkey": "text", "outkey": "tokens"}
+  assert str(calls[6]) == "keep('image', 'tokens')"
+
+
+def test_parse_unknown_op_suggests_closest():
+  spec = "decode|resise(64)|value_range(-1, 1)"
+  with pytest.raises(pp.PreprocessError) as info:
+    pp.parse(spec)
+  msg = str(info.value)
+  assert "'resise'" in msg and spec in msg
+  assert "Did you mean 'resize'" in msg
+  assert "central_crop(size, key='image')" in msg  # Lists all valid ops.
+  assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("resize(-3)", "size must be >= 1"),
+    ("resize((64, 0))", "width must be >= 1"),
+    ("resize('big')", "size must be an int"),
+    ("resize(64, method='fancy')", "method must be one of"),
+    ("value_range(1)", "missing a required argument: 'vmax'"),
+    ("value_range('a', 1)", "vmin must be a number"),
+    ("value_range(0, 1, in_min=3, in_max=3)", "must differ"),
+    ("flip_lr(keyy='image')", "unexpected keyword argument 'keyy'"),
+    ("keep()", "at least one key"),
+    ("keep(image)", "strings need quotes"),
+    ("tokenize(16, tokenizer='x')", "unexpected keyword argument 'tokenizer'"),
+    ("tokenize(max_len=0)", "max_len must be >= 1"),
+    ("decode(*['image'])", "not allowed"),
+])
+def test_parse_bad_args_name_op_and_problem(spec, expected):
+  with pytest.raises(pp.PreprocessError) as info:
+    pp.parse(f"decode|{spec}")
+  msg = str(info.value)
+  assert expected in msg, msg
+  assert spec.split("(")[0] in msg
+
+
+@pytest.mark.parametrize("spec", [
+    "decode||resize(64)", "decode|resize(64", "decode|", "", "  ",
+    "decode|resize(64)+1", "decode|a.b", "decode|resize(64)(3)",
+    "decode|resize(__import__('os').getcwd())",
+])
+def test_parse_bad_syntax(spec):
+  with pytest.raises(pp.PreprocessError):
+    pp.parse(spec)
+
+
+def test_parse_does_no_tf_work():
+  graph = tf.Graph()
+  with graph.as_default():  # Any TF op created by parse would land here.
+    pp.parse("decode|resize(8)|central_crop(4)|random_crop(2)|value_range(0, 1)"
+             "|flip_lr|choice('c', 't')|tokenize(8)|object_label|copy('a', 'b')"
+             "|rename(x='b')|drop('x')|keep('image')")
+  assert graph.get_operations() == []
+
+
+def test_build_tokenize_without_tokenizer_fails_early():
+  with pytest.raises(pp.PreprocessError, match="needs a tokenizer"):
+    pp.build("tokenize(16)")
+
+
+def test_describe_ops_lists_every_op():
+  text = pp.describe_ops()
+  for name in pp.OPS:
+    assert f"  {name}(" in text
+  assert "tokenizer" not in text.split("tokenize(")[1].split(":")[0]
+
+
+# --- ops ---------------------------------------------------------------------
+
+def test_decode_png_bytes_equals_original():
+  img = image()
+  png = tf.io.encode_png(img)
+  out = run("decode", {"image": png})["image"]
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, img)
+  # An already decoded uint8 image passes through.
+  out = run("decode", {"image": tf.constant(img)})["image"]
+  np.testing.assert_array_equal(out, img)
+
+
+def test_resize_shape_and_dtype():
+  ex = {"image": tf.constant(image(8, 12))}
+  out = run("resize(4)", ex)["image"]
+  assert out.shape == (4, 4, 3) and out.dtype == np.uint8  # Keeps uint8.
+  out = run("resize((6, 10))|value_range(0, 1)", ex)["image"]
+  assert out.shape == (6, 10, 3) and out.dtype == np.float32
+  # A constant image stays constant (no overshoot past uint8 range).
+  flat = {"image": tf.fill([9, 9, 3], tf.constant(255, tf.uint8))}
+  out = run("resize(4, method='bicubic')", flat)["image"]
+  np.testing.assert_array_equal(out, 255)
+
+
+def test_crops():
+  img = image(8, 10)
+  out = run("central_crop(4)", {"image": tf.constant(img)})["image"]
+  np.testing.assert_array_equal(out, img[2:6, 3:7])
+  out = run("central_crop((2, 6))", {"image": tf.constant(img)})["image"]
+  np.testing.assert_array_equal(out, img[3:5, 2:8])
+  crops = [run("random_crop(3)", seeded(s, image=tf.constant(img)))["image"]
+           for s in range(6)]
+  for crop in crops:
+    assert crop.shape == (3, 3, 3)
+    # The crop is a window of the image.
+    assert any(np.array_equal(crop, img[i:i + 3, j:j + 3])
+               for i in range(6) for j in range(8))
+  assert len({c.tobytes() for c in crops}) > 1
+
+
+def test_value_range_endpoints_exact():
+  x = tf.constant([[[0, 255, 51]]], tf.uint8)
+  out = run("value_range(-1, 1)", {"image": x})["image"]
+  assert out.dtype == np.float32
+  assert out[0, 0, 0] == -1.0 and out[0, 0, 1] == 1.0
+  np.testing.assert_allclose(out[0, 0, 2], -0.6, rtol=1e-6)
+  out = run("value_range(0, 1)", {"image": x})["image"]
+  assert out[0, 0, 0] == 0.0 and out[0, 0, 1] == 1.0
+
+
+def test_flip_lr_is_seeded_and_exact():
+  img = image()
+  flipped = []
+  for seed in range(16):
+    out = run("flip_lr", seeded(seed, image=tf.constant(img)))["image"]
+    again = run("flip_lr", seeded(seed, image=tf.constant(img)))["image"]
+    np.testing.assert_array_equal(out, again)  # Same seed, same result.
+    if np.array_equal(out, np.fliplr(img)):
+      flipped.append(seed)
+    else:
+      np.testing.assert_array_equal(out, img)
+  assert 0 < len(flipped) < 16  # Some seeds flip, others do not.
+
+
+def test_random_ops_need_seed():
+  with pytest.raises(pp.PreprocessError, match="_seed"):
+    pp.build("flip_lr")({"image": tf.constant(image())})
+  with pytest.raises(pp.PreprocessError, match="_seed"):
+    pp.build("keep('image')|flip_lr")(seeded(0, image=tf.constant(image())))
+  # Inside tf.data the error keeps its type and message.
+  ds = tf.data.Dataset.from_tensors({"image": tf.constant(image())})
+  with pytest.raises(pp.PreprocessError, match="flip_lr"):
+    ds.map(pp.build("decode|flip_lr"))
+
+
+def test_random_ops_get_distinct_seeds():
+  # Two choice ops on the same list with the same example seed must not
+  # always agree: each op position folds its index into the seed.
+  spec = "choice(inkey='x', outkey='a')|choice(inkey='x', outkey='b')"
+  values = tf.constant(np.arange(100))
+  outs = [run(spec, seeded(s, x=values)) for s in range(8)]
+  assert any(o["a"] != o["b"] for o in outs)
+  assert all(np.array_equal(o["_seed"], [s, 17]) for s, o in enumerate(outs))
+
+
+def test_choice_picks_an_element_reproducibly():
+  caps = ["a red star", "a blue heart", "a green cross", "a cyan circle"]
+  ex = lambda s: seeded(s, captions=tf.constant(caps))
+  spec = "choice(inkey='captions', outkey='text')"
+  picks = [run(spec, ex(s))["text"].decode() for s in range(20)]
+  assert set(picks) <= set(caps) and len(set(picks)) > 1
+  assert picks == [run(spec, ex(s))["text"].decode() for s in range(20)]
+  out = run("choice('captions')", ex(0))
+  assert out["captions"].decode() in caps  # outkey defaults to inkey.
+
+
+def test_keep_drop_rename_copy():
+  ex = seeded(0, image=tf.zeros([2, 2, 3]), label=tf.constant(3),
+              text=tf.constant("hi"))
+  assert set(run("keep('image', 'label')", ex)) == {"image", "label"}
+  assert set(run("drop('text')", ex)) == {"image", "label", "_seed"}
+  out = run("rename(caption='text')", ex)
+  assert "text" not in out and out["caption"] == b"hi"
+  out = run("copy('label', 'y')", ex)
+  assert out["y"] == 3 and out["label"] == 3
+  with pytest.raises(pp.PreprocessError, match="'missing'"):
+    pp.build("keep('image', 'missing')")(ex)
+
+
+def test_object_label():
+  ex = {"objects": {"shape": tf.constant([5, 2], tf.int64),
+                    "colour": tf.constant([1, 7], tf.int64)}}
+  out = run("object_label", ex)
+  assert out["label"] == 5 and out["label"].dtype == np.int32
+  assert run("object_label('colour', outkey='c')", ex)["c"] == 1
+
+
+def test_tokenize_matches_tokenizer_encode(tok):
+  texts = ["a red circle left of a heart.", "a blue star."]
+  for max_len in (12, 4):  # 4 truncates: EOS must still be last.
+    out = run(f"tokenize({max_len}, inkey='text')",
+              {"text": tf.constant(texts[0])}, tokenizer=tok)
+    np.testing.assert_array_equal(out["tokens"],
+                                  tok.encode(texts[0], max_len)[0])
+  assert out["tokens"][-1] == tok.eos_id
+  out = run("tokenize(12, inkey='captions', outkey='t')",
+            {"captions": tf.constant(texts)}, tokenizer=tok)
+  np.testing.assert_array_equal(out["t"], tok.encode(texts, 12))
+
+
+def test_in_tf_data_map(tok):
+  imgs = np.stack([image(10, 10, seed=i) for i in range(4)])
+  pngs = [tf.io.encode_png(im).numpy() for im in imgs]
+  captions = [[f"a red star {i}.", f"a blue heart {i}."] for i in range(4)]
+  ds = tf.data.Dataset.from_tensor_slices({
+      "image": pngs, "captions": captions,
+      "objects": {"shape": [[i, 0] for i in range(4)]}})
+
+  def add_seed(index, example):  # What the input pipeline does.
+    return {**example, "_seed": tf.stack([tf.constant(7, tf.int64), index])}
+
+  ds = ds.enumerate().map(add_seed)
+  spec = ("decode|resize(8)|value_range(-1, 1)|flip_lr|"
+          "choice(inkey='captions', outkey='text')|tokenize(6)|object_label|"
+          "keep('image', 'tokens', 'label')")
+  fn = pp.build(spec, tokenizer=tok)
+  batches = list(ds.map(fn).batch(2).as_numpy_iterator())
+  assert len(batches) == 2
+  b = batches[0]
+  assert b["image"].shape == (2, 8, 8, 3) and b["image"].dtype == np.float32
+  assert b["image"].min() >= -1 and b["image"].max() <= 1
+  assert b["tokens"].shape == (2, 6) and b["tokens"].dtype == np.int32
+  np.testing.assert_array_equal(batches[1]["label"], [2, 3])
+  # The whole pipeline is a pure function of the example seeds.
+  again = list(ds.map(fn).batch(2).as_numpy_iterator())
+  for x, y in zip(batches, again):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
