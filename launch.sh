@@ -21,8 +21,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
 fi
 py="$venv/bin/python"
 
-# Quiet TensorFlow's C++ start-up chatter; it only ever feeds the input pipeline.
+# Quiet TensorFlow's C++ start-up chatter; it only ever feeds the input
+# pipeline (decode, resize, tokenize), where oneDNN's custom kernels buy nothing.
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+export TF_ENABLE_ONEDNN_OPTS="${TF_ENABLE_ONEDNN_OPTS:-0}"
 
 cmd="${1:-run}"
 [ $# -gt 0 ] && shift

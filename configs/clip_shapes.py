@@ -16,8 +16,8 @@ SHAPES_WORLD = dict(image_size=64, train_examples=50_000, eval_examples=2_000,
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="nano/8", text_variant="nano",
-                             steps=1200, res=32, batch=128, loss="softmax")
+  arg = config_lib.parse_arg(arg, variant="mu/8", stem="conv", text_variant="mu",
+                             steps=1500, res=64, batch=128, loss="softmax")
   c = config_dict.ConfigDict()
   c.task = "clip"
   c.seed = 0
@@ -46,7 +46,10 @@ def get_config(arg=None):
                 '|keep("image", "tokens")')
 
   c.model = config_dict.ConfigDict()
-  c.model.image = dict(variant=arg.variant, pool_type="gap", posemb="learn")
+  # A convolutional stem: a tiny ViT with patchify learns colour at once but
+  # shape only slowly; early convolutions fix that (see models/vit.py).
+  c.model.image = dict(variant=arg.variant, stem=arg.stem, pool_type="gap",
+                       posemb="learn")
   c.model.text = dict(variant=arg.text_variant, causal=True, pool="eos")
   c.model.out_dim = 128
   if arg.loss == "softmax":

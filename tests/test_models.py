@@ -71,6 +71,7 @@ def test_variant_overrides_explicit_fields():
 def _all_param_trees():
   yield "vit", ViT(num_classes=10, **MU_VIT, pool_type="map"), (IMG,)
   yield "vit_sincos", ViT(**MU_VIT, posemb="sincos2d", pool_type="tok"), (IMG,)
+  yield "vit_conv_stem", ViT(**MU_VIT, stem="conv", pool_type="gap"), (IMG,)
   yield "text", TextTransformer(**MU_TXT, num_classes=8), (toks([[3, 4, 1]], 6),)
   yield "two_towers", TwoTowers(image=MU_VIT, text=MU_TXT, out_dim=8, bias_init=-10.0), (
       IMG, toks([[3, 4, 1]] * 2, 6))
@@ -135,6 +136,21 @@ def test_vit_output_shapes(pool_type, posemb):
     np.testing.assert_allclose(out, aux["encoded"].mean(1), atol=1e-5)
   if pool_type == "none":
     np.testing.assert_allclose(out, aux["encoded"], atol=1e-6)
+
+
+def test_conv_stem_gives_the_patchify_token_grid():
+  conv = ViT(**MU_VIT, stem="conv", pool_type="none")
+  patch = ViT(**MU_VIT, pool_type="none")
+  conv_out, _ = fwd(conv)(fake_init(conv, IMG), IMG)
+  patch_out, _ = fwd(patch)(fake_init(patch, IMG), IMG)
+  assert conv_out.shape == patch_out.shape == (2, 16, 64)
+  stem = fake_init(conv, IMG)["params"]["conv_stem"]
+  # Patch 4 = two stride-2 3x3 convolutions, then the 1x1 projection.
+  assert sorted(stem) == ["conv0", "conv1", "embedding", "norm0", "norm1"]
+  assert stem["conv0"]["kernel"].value.shape == (3, 3, 3, 16)
+  assert stem["conv1"]["kernel"].value.shape == (3, 3, 16, 32)
+  with pytest.raises(ValueError, match="power-of-two"):
+    ViT(variant="mu/6", stem="conv").init(KEY, jnp.zeros((1, 12, 12, 3)))
 
 
 def test_vit_real_init_and_classifier_head():

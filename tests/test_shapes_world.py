@@ -78,12 +78,27 @@ def test_every_shape_and_colour_in_train(train_examples):
 
 def test_captions_name_every_object(train_examples):
   templates = set()
+  details = collections.Counter()
   for ex in train_examples:
     for caption in ex["captions"]:
+      words = caption.replace(",", " ").replace(".", " ").replace(":", " ").split()
+      named = set()
       for shape, colour, *_ in _objects(ex):
-        assert f"{colour} {shape}" in caption, (caption, shape, colour)
+        if f"{colour} {shape}" in caption:
+          named.add("colour and shape")
+        elif shape in words and not any(c in words for c in sw.COLOURS):
+          named.add("shape")
+        elif f"{colour} shape" in caption and not any(s in words for s in sw.SHAPES):
+          named.add("colour")
+        else:
+          raise AssertionError(f"{caption!r} does not name the {colour} {shape}")
+      assert len(named) == 1, caption  # One level of detail per caption.
+      details.update(named)
       templates.add(caption.split(" ")[0])
   assert len(templates) >= 6  # Varied wording, not one template.
+  total = sum(details.values())
+  for detail, p in sw.DETAIL_PROBABILITIES.items():
+    assert abs(details[detail] / total - p) < 0.05, details
 
 
 def test_answers_agree_with_objects(train_examples):

@@ -118,3 +118,20 @@ def test_nan_loss_stops_with_a_clear_error(clip_task, tmp_path):
     clip_task.config = tiny_clip_config(clip_task.config.input.data_dir)
   # Nothing after the divergence was saved.
   assert not (tmp_path / "nan" / "checkpoints" / "10").exists()
+
+
+def test_bfloat16_compute_keeps_float32_params(clip_task):
+  from multimodal.tasks import clip
+  config = clip_task.config.copy_and_resolve_references()
+  config.compute_dtype = "bfloat16"
+  bf16_task = clip.ContrastiveTask(config)
+  ds = bf16_task.train_dataset(start_example=0, local_batch_size=32,
+                               process_index=0, process_count=1)
+  local_batch = next(ds.as_numpy_iterator())
+  mesh = sharding.make_mesh({"data": -1})
+  _, params, metrics = _one_step(bf16_task, config, mesh, local_batch)
+  _, _, metrics_f32 = _one_step(clip_task, clip_task.config, mesh, local_batch)
+  assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
+  assert np.isfinite(metrics["loss"])
+  # Same init and batch: bf16 activations change the loss only by rounding.
+  np.testing.assert_allclose(metrics["loss"], metrics_f32["loss"], rtol=0.05)

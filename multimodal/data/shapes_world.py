@@ -182,9 +182,18 @@ def _a(phrase: str) -> str:
   return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _noun(obj: dict, with_size: bool) -> str:
-  # Colour always directly precedes shape: every caption names both, verbatim.
-  core = f"{obj['colour']} {obj['shape']}"
+# How much of each object a caption names, like real alt-text, which often
+# leaves an attribute out. Partial captions also matter for learning: when a
+# caption names only the shape, colour cannot tell its image from the others
+# in a batch, so a contrastive model has to see shape (with full captions
+# alone, colour and position nearly always suffice and shape is never learnt).
+DETAIL_PROBABILITIES = {"colour and shape": 0.5, "shape": 0.3, "colour": 0.2}
+
+
+def _noun(obj: dict, with_size: bool, detail: str = "colour and shape") -> str:
+  # When both are named, colour directly precedes shape ("red circle").
+  core = {"colour and shape": f"{obj['colour']} {obj['shape']}",
+          "shape": obj["shape"], "colour": f"{obj['colour']} shape"}[detail]
   return _a(f"{obj['size']} {core}" if with_size else core)
 
 
@@ -210,7 +219,11 @@ def _list_templates(n: int) -> list[str]:
 
 def make_captions(objects: list[dict], rng: np.random.Generator,
                   num: int = 3) -> list[str]:
-  """`num` distinct-template captions; each names every object's colour+shape."""
+  """`num` distinct-template captions.
+
+  Every caption names every object, each by colour and shape or, in a
+  partial caption, by only one of them (see DETAIL_PROBABILITIES).
+  """
   templates = _list_templates(len(objects))
   sentences = len(templates)  # Extra template: one sentence per object.
   chosen = rng.choice(sentences + 1, size=num, replace=False)
@@ -219,12 +232,14 @@ def make_captions(objects: list[dict], rng: np.random.Generator,
     order = rng.permutation(len(objects))
     with_size = bool(rng.random() < 0.5)
     with_pos = bool(rng.random() < 0.5)
+    detail = str(rng.choice(list(DETAIL_PROBABILITIES),
+                            p=list(DETAIL_PROBABILITIES.values())))
     if t == sentences:
       captions.append(" ".join(
-          f"{_noun(objects[i], with_size)} is "
+          f"{_noun(objects[i], with_size, detail)} is "
           f"{_POSITION_PHRASE[objects[i]['position']]}." for i in order))
       continue
-    parts = [_noun(objects[i], with_size) +
+    parts = [_noun(objects[i], with_size, detail) +
              (" " + _POSITION_PHRASE[objects[i]["position"]] if with_pos else "")
              for i in order]
     captions.append(templates[t].format(_join(parts)))

@@ -71,6 +71,7 @@ class ViT(nn.Module):
   mlp_dim: int | None = None  # None -> 4 * width
   num_heads: int = 12
   posemb: str = "learn"  # "learn" | "sincos2d"
+  stem: str = "patch"  # "patch" | "conv"
   pool_type: str = "tok"  # "tok" | "gap" | "map" | "none"
   head_zeroinit: bool = True
   dropout: float = 0.0
@@ -94,12 +95,17 @@ class ViT(nn.Module):
       raise ValueError(f"Unknown posemb {self.posemb!r}")
     aux = {}
 
-    x = nn.Conv(width, ps, strides=ps, padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
-                                               (None, None, None, "embed")),
-                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
-                name="embedding")(jnp.asarray(image, self.dtype))
+    if self.stem == "patch":
+      x = nn.Conv(width, ps, strides=ps, padding="VALID", dtype=self.dtype,
+                  param_dtype=jnp.float32,
+                  kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                 (None, None, None, "embed")),
+                  bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
+                  name="embedding")(jnp.asarray(image, self.dtype))
+    elif self.stem == "conv":
+      x = ConvStem(width, ps, dtype=self.dtype, name="conv_stem")(image)
+    else:
+      raise ValueError(f"Unknown stem {self.stem!r}; use 'patch' or 'conv'.")
     n, h, w, c = x.shape
     x = jnp.reshape(x, [n, h * w, c])
     num_patches = h * w
@@ -138,3 +144,41 @@ class ViT(nn.Module):
       x = layers.head_dense(self.num_classes, self.head_zeroinit, self.dtype)(x)
       aux["logits"] = x
     return x, aux
+
+
+class ConvStem(nn.Module):
+  """Early convolutions in place of the patchify layer (Xiao et al. 2021,
+  "Early Convolutions Help Transformers See Better"): log2(patch) stride-2 3x3
+  convolutions, then a 1x1 projection to the width. The token grid is the
+  same as patchify's; small models then learn local shape far faster.
+  """
+  width: int
+  patch_size: Sequence[int]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image):
+    ph, pw = self.patch_size
+    if ph != pw or ph & (ph - 1):
+      raise ValueError(f"stem='conv' needs a square power-of-two patch, got {self.patch_size}")
+    num_convs = ph.bit_length() - 1
+    x = jnp.asarray(image, self.dtype)
+    for i in range(num_convs):
+      # Channels double at each halving, ending at half the width (>= 16).
+      channels = max(16, self.width // 2 ** (num_convs - i))
+      x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", use_bias=False,
+                  dtype=self.dtype, param_dtype=jnp.float32,
+                  kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                 (None, None, None, None)),
+                  name=f"conv{i}")(x)
+      # Stem channels are few and unsharded (None), unlike the width.
+      x = nn.gelu(nn.LayerNorm(
+          dtype=self.dtype, param_dtype=jnp.float32,
+          scale_init=layers.partitioned(nn.initializers.ones, (None,)),
+          bias_init=layers.partitioned(nn.initializers.zeros, (None,)),
+          name=f"norm{i}")(x))
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                  (None, None, None, "embed")),
+                   bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
+                   name="embedding")(x)

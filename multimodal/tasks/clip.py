@@ -46,7 +46,10 @@ class ContrastiveTask(base.Task):
         for caption in np.atleast_1d(example["captions"]):
           yield caption.decode("utf-8")
 
-    safe_name = "".join(c if c.isalnum() else "_" for c in self.source.name)
+    # Keyed by dataset, config and version: a regenerated world gets its own.
+    name = (self.source.builder.info.full_name if self.source.builder
+            else self.source.name)
+    safe_name = "".join(c if c.isalnum() else "_" for c in name)
     return tokenizer_lib.get_tokenizer(
         cfg.get("model"), cache_dir=self.source.data_dir,
         cache_name=f"{safe_name}_captions", texts_fn=training_captions,
