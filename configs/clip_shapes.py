@@ -17,7 +17,7 @@ SHAPES_WORLD = dict(image_size=64, train_examples=50_000, eval_examples=2_000,
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="mu/8", stem="conv", text_variant="mu",
-                             steps=1500, res=64, batch=128, loss="softmax")
+                             steps=1200, res=64, batch=128, loss="softmax")
   c = config_dict.ConfigDict()
   c.task = "clip"
   c.seed = 0
@@ -60,7 +60,7 @@ def get_config(arg=None):
     c.model.bias_init = -10.0
 
   c.compute_dtype = "float32"
-  c.lr = 1e-3
+  c.lr = 2e-3
   c.wd = 1e-4
   c.wd_mask = r".*/kernel"  # Decay matmul kernels only.
   c.grad_clip_norm = 1.0

@@ -229,3 +229,11 @@ def test_unprepared_config_by_name(tmp_path):
       48, 10, 5, 3)
   assert not builder.is_prepared()
   assert builder.info.features["image"].shape == (48, 48, 3)
+
+
+def test_object_counts_follow_their_distribution(train_examples):
+  counts = collections.Counter(ex["num_objects"] for ex in train_examples)
+  total = sum(counts.values())
+  assert set(counts) == {1, 2, 3}
+  for n, p in zip((1, 2, 3), sw.NUM_OBJECTS_PROBABILITIES):
+    assert abs(counts[n] / total - p) < 0.06, counts
