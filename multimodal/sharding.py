@@ -7,6 +7,7 @@ each logical axis lives on, so a config changes parallelism by changing
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -93,3 +94,12 @@ def strip_boxes(boxed_tree):
   return jax.tree.map(
       lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
       boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+  """The mesh and the logical rules, so that the models' activation
+  constraints (nn.with_logical_constraint) resolve while a step is traced."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+      nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield

@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
 from tqdm import tqdm
@@ -26,25 +25,6 @@ from multimodal.metrics_writer import MetricsWriter
 
 class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite."""
-
-
-def _mesh_context(mesh):
-  """Mesh + logical rules, so activation constraints resolve while tracing."""
-  return _Both(jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
-               nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
-
-
-class _Both:
-  def __init__(self, *contexts):
-    self.contexts = contexts
-
-  def __enter__(self):
-    for c in self.contexts:
-      c.__enter__()
-
-  def __exit__(self, *exc):
-    for c in reversed(self.contexts):
-      c.__exit__(*exc)
 
 
 def create_train_state(task, config, mesh, total_steps: int):
@@ -107,7 +87,7 @@ def _check_finite(metrics: dict, step: int, mngr) -> None:
 
 def run_evaluators(evaluators, params, mesh) -> dict:
   results = {}
-  with _mesh_context(mesh):
+  with sharding.mesh_context(mesh):
     for evaluator in evaluators:
       for key, value in evaluator.run(params).items():
         results[f"{evaluator.name}/{key}"] = value
@@ -130,7 +110,7 @@ def train(task, config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
 
-  with _mesh_context(mesh):
+  with sharding.mesh_context(mesh):
     init_fn, state_shardings, tx, schedule = create_train_state(
         task, config, mesh, total_steps)
     train_step = make_train_step(task, config, tx, schedule, state_shardings, mesh)
@@ -158,10 +138,9 @@ def train(task, config, workdir: str) -> dict:
   eval_every = config.get("eval_every") or 0
   progress = tqdm(total=total_steps, initial=start_step, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
-  results: dict = {}
   step = start_step
   try:
-    with _mesh_context(mesh):
+    with sharding.mesh_context(mesh):
       for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, next(batches))
         progress.update(1)
@@ -197,7 +176,7 @@ def evaluate(task, config, workdir: str) -> dict:
   """Re-runs the task's evaluators on the latest checkpoint of `workdir`."""
   mesh = sharding.make_mesh(config.mesh)
   total_steps = config_lib.total_steps(config, task.num_train_examples())
-  with _mesh_context(mesh):
+  with sharding.mesh_context(mesh):
     init_fn, state_shardings, _, _ = create_train_state(task, config, mesh, total_steps)
     mngr = checkpoint.manager(workdir, read_only=True)
     abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)

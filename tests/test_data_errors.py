@@ -1,5 +1,4 @@
 """Data problems end in a DataError that names the problem and the fix."""
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf

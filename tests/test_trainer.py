@@ -12,7 +12,7 @@ from multimodal.data import pipeline
 
 def _one_step(task, config, mesh, local_batch):
   """(gradients, params after one step, metrics) on `mesh`."""
-  with trainer._mesh_context(mesh):
+  with sharding.mesh_context(mesh):
     init_fn, shardings, tx, schedule = trainer.create_train_state(
         task, config, mesh, total_steps=10)
     step = trainer.make_train_step(task, config, tx, schedule, shardings, mesh)
@@ -92,7 +92,7 @@ def test_resume_after_crash_reaches_the_same_parameters(clip_task, tmp_path, mon
   mesh = sharding.make_mesh(config.mesh)
   def final_params(workdir):
     from multimodal import checkpoint
-    with trainer._mesh_context(mesh):
+    with sharding.mesh_context(mesh):
       init_fn, shardings, _, _ = trainer.create_train_state(clip_task, config, mesh, 20)
       mngr = checkpoint.manager(str(workdir), read_only=True)
       state, position = checkpoint.restore(
