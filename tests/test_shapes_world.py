@@ -237,3 +237,28 @@ def test_object_counts_follow_their_distribution(train_examples):
   assert set(counts) == {1, 2, 3}
   for n, p in zip((1, 2, 3), sw.NUM_OBJECTS_PROBABILITIES):
     assert abs(counts[n] / total - p) < 0.06, counts
+
+
+# The fingerprint of what version VERSION of the builder generates. A prepared
+# dataset is reused by version, so changing the generator without bumping the
+# version would silently serve stale data from every existing data_dir.
+FINGERPRINTS = {
+    "1.2.0": "5ad13f9b9eb11247c0509ce099651f19d237f4993b2419d091bb6a0df066da01",
+}
+
+
+def test_generator_changes_bump_the_dataset_version():
+  import hashlib
+  from multimodal.data import shapes_builder
+  digest = hashlib.sha256()
+  for split in sw.SPLITS:
+    for i in range(20):
+      ex = sw.generate_example(0, split, i)
+      digest.update(ex["image"].tobytes())
+      for text in ex["captions"] + ex["questions"] + ex["answers"]:
+        digest.update(text.encode())
+  version = str(shapes_builder.ShapesWorld.VERSION)
+  assert FINGERPRINTS.get(version) == digest.hexdigest(), (
+      f"shapes_world.py now generates different data than version {version} "
+      "did: bump ShapesWorld.VERSION (with a release note) and record the new "
+      f"fingerprint {digest.hexdigest()} for it here.")
