@@ -145,10 +145,13 @@ def test_conv_stem_gives_the_patchify_token_grid():
   patch_out, _ = fwd(patch)(fake_init(patch, IMG), IMG)
   assert conv_out.shape == patch_out.shape == (2, 16, 64)
   stem = fake_init(conv, IMG)["params"]["conv_stem"]
-  # Patch 4 = two stride-2 3x3 convolutions, then the 1x1 projection.
-  assert sorted(stem) == ["conv0", "conv1", "embedding", "norm0", "norm1"]
-  assert stem["conv0"]["kernel"].value.shape == (3, 3, 3, 16)
-  assert stem["conv1"]["kernel"].value.shape == (3, 3, 16, 32)
+  # Patch 4 = two stride-2 3x3 convolutions (channels doubling up to the
+  # width), the 1x1 projection, and the linear patchify beside them.
+  assert sorted(stem) == ["conv0", "conv1", "embedding", "norm0", "norm1",
+                          "patch_embedding"]
+  assert stem["conv0"]["kernel"].value.shape == (3, 3, 3, 32)
+  assert stem["conv1"]["kernel"].value.shape == (3, 3, 32, 64)
+  assert stem["patch_embedding"]["kernel"].value.shape == (4, 4, 3, 64)
   with pytest.raises(ValueError, match="power-of-two"):
     ViT(variant="mu/6", stem="conv").init(KEY, jnp.zeros((1, 12, 12, 3)))
 

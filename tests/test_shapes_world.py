@@ -243,7 +243,7 @@ def test_object_counts_follow_their_distribution(train_examples):
 # dataset is reused by version, so changing the generator without bumping the
 # version would silently serve stale data from every existing data_dir.
 FINGERPRINTS = {
-    "1.2.0": "5ad13f9b9eb11247c0509ce099651f19d237f4993b2419d091bb6a0df066da01",
+    "1.3.0": "0afb08f693ed27eaae2bce0285147f612e9855c4d5f8571916f7f1f040750f48",
 }
 
 

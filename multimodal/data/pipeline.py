@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from multimodal.data import errors, preprocess
+from multimodal.data import errors
 from multimodal.data.sources import Source
 
 # TensorFlow only feeds the input pipeline; it must never grab an accelerator
@@ -77,10 +77,6 @@ def _pad_batch(batch, size):
     paddings = [[0, missing]] + [[0, 0]] * (len(x.shape) - 1)
     return tf.pad(x, paddings)
   return tf.nest.map_structure(pad, batch)
-
-
-def build_pp(spec: str, tokenizer=None) -> Callable:
-  return preprocess.build(spec, tokenizer=tokenizer)
 
 
 def to_global_arrays(local_batch: dict, sharding) -> dict:

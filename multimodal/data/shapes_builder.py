@@ -53,11 +53,13 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes of 1-3 coloured shapes with captions, QA and boxes."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release.",
       "1.1.0": "Half of the captions name only the shape or only the colour.",
       "1.2.0": "Half of the scenes hold one object (was a third).",
+      "1.3.0": "40% of captions name only the shape (was 30%); positions are "
+               "named in 30% of captions (was 50%).",
   }
   BUILDER_CONFIGS = [ShapesWorldConfig()]
   DEFAULT_BUILDER_CONFIG_NAME = BUILDER_CONFIGS[0].name

@@ -8,11 +8,10 @@ from multimodal.data import shapes_world
 
 TEMPLATES = {
     "simple": ("a photo of a {}.",),
-    # The shapes world's captions always name an object's colour with its
-    # shape, so a bare "a circle." is out of distribution. These sets
-    # ensemble over the *other* attribute's words ("a red {}", "a blue {}",
-    # ...): the class embedding then marginalises that attribute out, the
-    # same prompt ensembling CLIP uses, with in-domain wording.
+    # Most shapes-world captions name an object's colour with its shape.
+    # These sets ensemble over the *other* attribute's words ("a red {}",
+    # "a blue {}", ...): the class embedding then marginalises that attribute
+    # out, the same prompt ensembling CLIP uses, with in-domain wording.
     "shapes_shape": tuple(
         pattern.format(colour, "{}")
         for colour in shapes_world.COLOURS

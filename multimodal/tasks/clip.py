@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from multimodal import losses, sharding
-from multimodal.data import pipeline, tokenizer as tokenizer_lib
+from multimodal.data import pipeline, preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import retrieval, templates, zero_shot
 from multimodal.models import two_towers
 from multimodal.tasks import base
@@ -58,7 +58,7 @@ class ContrastiveTask(base.Task):
   # --- the trainer's interface -------------------------------------------
 
   def train_pp(self):
-    return pipeline.build_pp(self.config.input.pp, tokenizer=self.tokenizer)
+    return preprocess.build(self.config.input.pp, tokenizer=self.tokenizer)
 
   def init(self, rng):
     size = self.config.input.image_size
@@ -96,7 +96,7 @@ class ContrastiveTask(base.Task):
 
     result = []
     for name, cfg in sorted(self.config.evals.items()):
-      pp_fn = pipeline.build_pp(cfg.pp, tokenizer=self.tokenizer)
+      pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
       filter_fn = ((lambda ex: tf.equal(ex["num_objects"], 1))
                    if cfg.get("single_object_only") else None)
       batches = self.eval_batches(
