@@ -69,6 +69,10 @@ def get_config(arg=None):
   c.grad_clip_norm = 1.0
   c.schedule = dict(warmup_steps=100, decay_type="cosine", min_lr_ratio=0.0)
 
+  # An exponential moving average of the params, which evaluators then use
+  # (e.g. 0.999); None keeps none.
+  c.ema_decay = config_dict.placeholder(float)
+
   c.mesh = dict(data=-1)
   c.log_steps = 50
   c.ckpt_steps = 500

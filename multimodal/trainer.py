@@ -27,6 +27,22 @@ class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite."""
 
 
+def ema_decay(config) -> float | None:
+  """`config.ema_decay`: keep an exponential moving average of the params
+  (updated after every step, checkpointed, and the params every evaluator
+  sees), or None for no average."""
+  decay = config.get("ema_decay")
+  if decay is not None and not 0.0 <= decay < 1.0:
+    raise config_lib.ConfigError(
+        f"config.ema_decay={decay} must be in [0, 1) (e.g. 0.9999), or None.")
+  return decay
+
+
+def eval_params(state: dict):
+  """The params evaluators see: the moving average when there is one."""
+  return state.get("ema_params", state["params"])
+
+
 def create_train_state(task, config, mesh, total_steps: int):
   """Returns (init_fn, state_shardings, optimizer, schedule).
 
@@ -41,8 +57,11 @@ def create_train_state(task, config, mesh, total_steps: int):
   def init_boxed_state(rng):
     params = task.init(rng)
     # The optimizer state mirrors the params, boxes (and so shardings) included.
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init(params)}
+    if ema_decay(config) is not None:
+      state["ema_params"] = params  # Same boxes, so sharded like the params.
+    return state
 
   state_shardings = sharding.logical_shardings(
       jax.eval_shape(init_boxed_state, rng), mesh)
@@ -64,6 +83,10 @@ def make_train_step(task, config, tx, schedule, state_shardings, mesh):
                "learning_rate": schedule(state["step"])}
     new_state = {"step": state["step"] + 1, "params": params,
                  "opt_state": opt_state}
+    if "ema_params" in state:
+      decay = ema_decay(config)
+      new_state["ema_params"] = jax.tree.map(
+          lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
     return new_state, metrics
 
   return jax.jit(train_step,
@@ -154,12 +177,12 @@ def train(task, config, workdir: str) -> dict:
                         {"examples_per_process": step * local_batch},
                         force=is_last)
         if eval_every and step % eval_every == 0 and not is_last:
-          writer.write(step, run_evaluators(evaluators, state["params"], mesh))
+          writer.write(step, run_evaluators(evaluators, eval_params(state), mesh))
   finally:
     progress.close()
     mngr.wait_until_finished()
 
-  results = run_evaluators(evaluators, state["params"], mesh)
+  results = run_evaluators(evaluators, eval_params(state), mesh)
   writer.write(step, results)
   writer.close()
   summary = {"step": step, "total_steps": total_steps,
@@ -181,7 +204,7 @@ def evaluate(task, config, workdir: str) -> dict:
     mngr = checkpoint.manager(workdir, read_only=True)
     abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)
     state, _ = checkpoint.restore(mngr, abstract)
-  results = run_evaluators(task.evaluators(mesh), state["params"], mesh)
+  results = run_evaluators(task.evaluators(mesh), eval_params(state), mesh)
   summary = {"step": int(state["step"]), "metrics": results}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_results.json"), "w") as f:

@@ -53,6 +53,44 @@ def test_sharded_step_equals_single_device_step(clip_task):
   assert max(moved) > 0.5 * config.lr  # The step really updated the params.
 
 
+def test_ema_params_follow_the_closed_form_average(clip_task):
+  config = clip_task.config.copy_and_resolve_references()
+  config.schedule.warmup_steps = 0
+  config.ema_decay = 0.9
+  mesh = sharding.make_mesh({"data": -1})
+  ds = clip_task.train_dataset(start_example=0, local_batch_size=32,
+                               process_index=0, process_count=1)
+  with sharding.mesh_context(mesh):
+    init_fn, shardings, tx, schedule = trainer.create_train_state(
+        clip_task, config, mesh, total_steps=10)
+    step = trainer.make_train_step(clip_task, config, tx, schedule, shardings, mesh)
+    state = init_fn()
+    # Params are donated by the step, so keep host copies along the way.
+    history = [jax.device_get(state["params"])]
+    for batch in list(ds.take(3).as_numpy_iterator()):
+      state, _ = step(state, pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh)))
+      history.append(jax.device_get(state["params"]))
+  # ema_3 = d^3 p0 + (1 - d) (d^2 p1 + d p2 + p3)
+  d = 0.9
+  expected = jax.tree.map(
+      lambda p0, p1, p2, p3: d**3 * p0 + (1 - d) * (d**2 * p1 + d * p2 + p3),
+      *history)
+  ema = jax.device_get(state["ema_params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               ema, expected)
+  assert trainer.eval_params(state) is state["ema_params"]
+  moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                                           history[0], history[3])))
+  assert moved > 0  # The average really moved with the params.
+
+
+def test_ema_decay_out_of_range_is_a_config_error(clip_task):
+  config = clip_task.config.copy_and_resolve_references()
+  config.ema_decay = 1.5
+  with pytest.raises(Exception, match="ema_decay"):
+    trainer.create_train_state(clip_task, config, sharding.make_mesh({"data": -1}), 10)
+
+
 class _Crash(Exception):
   pass
 
