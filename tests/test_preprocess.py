@@ -228,6 +228,15 @@ def test_object_label():
   assert run("object_label('colour', outkey='c')", ex)["c"] == 1
 
 
+def test_object_pair_label():
+  ex = {"objects": {"shape": tf.constant([5, 2], tf.int64),
+                    "colour": tf.constant([1, 7], tf.int64)}}
+  out = run("object_pair_label", ex)
+  assert out["label"] == 5 * 8 + 1 and out["label"].dtype == np.int32
+  assert set(out) == {"objects", "label"}  # No helper keys leak out.
+  assert run("object_pair_label('colour', 'shape', 10, outkey='y')", ex)["y"] == 1 * 10 + 5
+
+
 def test_tokenize_matches_tokenizer_encode(tok):
   texts = ["a red circle left of a heart.", "a blue star."]
   for max_len in (12, 4):  # 4 truncates: EOS must still be last.

@@ -271,6 +271,25 @@ def object_label(attribute="shape", outkey="label", inkey="objects") -> Op:
   return fn
 
 
+def object_pair_label(first="shape", second="colour", num_second=8,
+                      outkey="label", inkey="objects") -> Op:
+  """Sets outkey to first * num_second + second for the 1st object, int32.
+
+  One class per (first, second) pair, e.g. the 64 (shape, colour) classes a
+  class-conditional generator of single-object scenes is conditioned on.
+  """
+  first_label = object_label(first, outkey="_first", inkey=inkey)
+  second_label = object_label(second, outkey="_second", inkey=inkey)
+  num_second = _int("num_second", num_second)
+  _key("outkey", outkey)
+
+  def fn(example):
+    labels = second_label(first_label(example))
+    label = labels["_first"] * num_second + labels["_second"]
+    return {**example, outkey: label}
+  return fn
+
+
 def keep(*keys) -> Op:
   """Keeps only the listed keys (each must exist); all others, _seed too, go."""
   _keys(keys)
@@ -312,7 +331,7 @@ def copy(inkey, outkey) -> Op:
 # The op table: a spec's op names are exactly these function names.
 OPS: dict[str, Callable[..., Op]] = {f.__name__: f for f in (
     decode, resize, central_crop, random_crop, value_range, flip_lr, choice,
-    tokenize, object_label, keep, drop, rename, copy)}
+    tokenize, object_label, object_pair_label, keep, drop, rename, copy)}
 
 
 def _user_signature(factory: Callable) -> inspect.Signature:
