@@ -150,7 +150,7 @@ def train(task, config, workdir: str) -> dict:
   local_batch = global_batch // jax.process_count()
 
   writer = MetricsWriter(workdir)
-  evaluators = task.evaluators(mesh)
+  evaluators = task.evaluators(mesh, workdir)
   ds = task.train_dataset(
       start_example=data_position["examples_per_process"],
       local_batch_size=local_batch, process_index=jax.process_index(),
@@ -204,7 +204,7 @@ def evaluate(task, config, workdir: str) -> dict:
     mngr = checkpoint.manager(workdir, read_only=True)
     abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)
     state, _ = checkpoint.restore(mngr, abstract)
-  results = run_evaluators(task.evaluators(mesh), eval_params(state), mesh)
+  results = run_evaluators(task.evaluators(mesh, workdir), eval_params(state), mesh)
   summary = {"step": int(state["step"]), "metrics": results}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_results.json"), "w") as f:

@@ -34,14 +34,19 @@ def _with_example_seed(seed: int):
 def train_dataset(source: Source, *, split: str, pp_fn: Callable,
                   local_batch_size: int, seed: int, start_example: int = 0,
                   shuffle_buffer: int = 10_000, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
+                  process_count: int = 1,
+                  filter_fn: Callable | None = None) -> tf.data.Dataset:
   """An infinite, shuffled, batched stream of this process's examples.
 
   `start_example` counts this process's examples already consumed; they are
   skipped before any decoding, so resuming costs a file read, not a pp pass.
+  `filter_fn` drops raw examples before the shuffle, so the kept stream (and
+  the count `start_example` refers to) is deterministic too.
   """
   ds = source.read(split, process_index=process_index,
                    process_count=process_count)
+  if filter_fn is not None:
+    ds = ds.filter(filter_fn)
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + process_index,
                            reshuffle_each_iteration=True)
   ds = ds.enumerate().map(_with_example_seed(seed))

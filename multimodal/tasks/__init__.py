@@ -11,6 +11,7 @@ import importlib
 # dependencies load only when it runs.
 _TASKS = {
     "clip": "multimodal.tasks.clip:ContrastiveTask",
+    "dit": "multimodal.tasks.dit:DiffusionTask",
 }
 
 

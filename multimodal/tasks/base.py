@@ -35,8 +35,12 @@ class Task(abc.ABC):
     """(scalar loss, dict of scalar metrics) on one global batch."""
 
   @abc.abstractmethod
-  def evaluators(self, mesh) -> list:
-    """Objects with `.name` and `.run(params) -> dict[str, float]`."""
+  def evaluators(self, mesh, workdir: str | None = None) -> list:
+    """Objects with `.name` and `.run(params) -> dict[str, float]`.
+
+    `workdir` is where evaluators that write files (sample grids) put them;
+    None when there is no run directory.
+    """
 
   @abc.abstractmethod
   def train_pp(self) -> Callable:
@@ -48,10 +52,15 @@ class Task(abc.ABC):
     except Exception:  # Sources without split sizes (TFRecord shards).
       return None
 
+  def train_filter(self) -> Callable | None:
+    """A predicate on raw training examples; only those it keeps are used."""
+    return None
+
   def train_dataset(self, *, start_example: int, local_batch_size: int,
                     process_index: int, process_count: int) -> tf.data.Dataset:
     return pipeline.train_dataset(
         self.source, split=self.config.input.split, pp_fn=self.train_pp(),
+        filter_fn=self.train_filter(),
         local_batch_size=local_batch_size, seed=self.config.seed,
         start_example=start_example,
         shuffle_buffer=self.config.input.shuffle_buffer,

@@ -81,7 +81,8 @@ class ContrastiveTask(base.Task):
       metrics["bias"] = aux["b"]
     return loss, metrics
 
-  def evaluators(self, mesh):
+  def evaluators(self, mesh, workdir=None):
+    del workdir  # These evaluators write no files.
     encode_images = jax.jit(
         lambda params, images: self.model.apply(
             {"params": params}, images, method=self.model.embed_image)[0],

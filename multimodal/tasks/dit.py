@@ -1,0 +1,125 @@
+"""Class-conditional diffusion with a DiT denoiser: the trainer's third family.
+
+Training draws one timestep and one noise per example and minimises the
+DiT objective (`diffusion/losses.py`); evaluators sample with the (EMA)
+params the trainer passes and measure the held-out denoising loss.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from multimodal import sharding
+from multimodal.data import preprocess
+from multimodal.diffusion import losses, samplers, schedules
+from multimodal.evaluators import generation
+from multimodal.models import dit
+from multimodal.tasks import base
+
+
+class DiffusionTask(base.Task):
+  """config.model: DiT fields (variant, num_classes, learn_sigma, ...);
+  config.diffusion: beta_schedule, num_timesteps, prediction."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.model = dit.DiT(
+        variant=m.variant, num_classes=m.num_classes,
+        class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+        dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+    d = config.diffusion
+    self.num_timesteps = d.num_timesteps
+    self.schedule = schedules.named_schedule(d.beta_schedule, d.num_timesteps)
+    self.prediction = d.prediction
+
+  @property
+  def image_shape(self):
+    size = self.config.input.image_size
+    return (size, size, 3)
+
+  # --- the trainer's interface -------------------------------------------
+
+  def train_pp(self):
+    return preprocess.build(self.config.input.pp)
+
+  def train_filter(self):
+    if self.config.input.get("single_object_only"):
+      return lambda ex: tf.equal(ex["num_objects"], 1)
+    return None
+
+  def init(self, rng):
+    x = jnp.zeros((1, *self.image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32)
+    params_rng, dropout_rng = jax.random.split(rng)
+    return self.model.init({"params": params_rng, "dropout": dropout_rng},
+                           x, t, y)["params"]
+
+  def _losses(self, params, batch, rng, *, train):
+    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    x0 = batch["image"]
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, self.num_timesteps)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+
+    def model_fn(x_t, timesteps):
+      return self.model.apply({"params": params}, x_t, timesteps, batch["label"],
+                              train=train, rngs={"dropout": drop_rng})
+    return losses.training_losses(
+        self.schedule, model_fn, x0, t, noise, prediction=self.prediction,
+        learn_sigma=self.model.learn_sigma)
+
+  def loss_fn(self, params, batch, rng):
+    terms = self._losses(params, batch, rng, train=True)
+    return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+
+  def sampler(self, mesh, *, steps: int, cfg_scale: float, sampler: str = "ddim",
+              eta: float = 0.0, seed: int = 0):
+    """A jitted (params, labels) -> images [N, H, W, 3] in [-1, 1]."""
+    use = schedules.space_timesteps(self.num_timesteps, steps)
+    respaced, timestep_map = schedules.respace(self.schedule, use)
+    null = self.model.num_classes  # The label table's extra, unconditional row.
+
+    def sample(params, labels):
+      def doubled(x, t):  # Conditional half, then unconditional half.
+        y = jnp.concatenate([labels, jnp.full_like(labels, null)])
+        return self.model.apply({"params": params}, x, t, y)
+      model_fn = samplers.cfg_model_fn(doubled, cfg_scale)
+      shape = (labels.shape[0], *self.image_shape)
+      kwargs = dict(timestep_map=timestep_map, prediction=self.prediction,
+                    learn_sigma=self.model.learn_sigma, clip_denoised=True)
+      key = jax.random.key(seed)
+      if sampler == "ddim":
+        x = samplers.ddim_sample(model_fn, respaced, shape, key, eta=eta, **kwargs)
+      elif sampler == "ddpm":
+        x = samplers.ddpm_sample(model_fn, respaced, shape, key, **kwargs)
+      else:
+        raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'.")
+      return jnp.clip(x, -1, 1)
+    return jax.jit(sample, out_shardings=sharding.replicated(mesh))
+
+  def evaluators(self, mesh, workdir=None):
+    result = []
+    for name, cfg in sorted(self.config.evals.items()):
+      if cfg.type == "samples":
+        labels = np.arange(self.model.num_classes, dtype=np.int32)[:cfg.get("num", 64)]
+        result.append(generation.SampleGrid(
+            name=name, labels=labels, cols=cfg.get("cols", 8), output_dir=workdir,
+            sample=self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                                sampler=cfg.get("sampler", "ddim"))))
+      elif cfg.type == "denoising_loss":
+        filter_fn = self.train_filter()
+        batches = self.eval_batches(
+            mesh, split=cfg.split, pp_fn=preprocess.build(cfg.pp), filter_fn=filter_fn,
+            batch_size=cfg.get("batch_size", self.config.input.batch_size))
+        # A fixed key: every evaluation sees the same timesteps and noise.
+        loss = jax.jit(lambda params, batch: self._losses(
+            params, batch, jax.random.key(0), train=False)["loss"])
+        result.append(generation.DenoisingLoss(name=name, batches=batches, loss=loss))
+      else:
+        raise ValueError(
+            f"config.evals.{name}.type={cfg.type!r}; this task knows "
+            "'samples' and 'denoising_loss'.")
+    return result
