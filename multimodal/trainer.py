@@ -29,8 +29,8 @@ class TrainingDivergedError(RuntimeError):
 
 def ema_decay(config) -> float | None:
   """`config.ema_decay`: keep an exponential moving average of the params
-  (updated after every step, checkpointed, and the params every evaluator
-  sees), or None for no average."""
+  (updated after every step with decay min(ema_decay, (1 + step) / (10 +
+  step)), checkpointed, and the params every evaluator sees), or None."""
   decay = config.get("ema_decay")
   if decay is not None and not 0.0 <= decay < 1.0:
     raise config_lib.ConfigError(
@@ -84,7 +84,11 @@ def make_train_step(task, config, tx, schedule, state_shardings, mesh):
     new_state = {"step": state["step"] + 1, "params": params,
                  "opt_state": opt_state}
     if "ema_params" in state:
-      decay = ema_decay(config)
+      # Warmed up as in diffusers' EMAModel: an average that started at the
+      # random init would carry it for ~1/(1 - decay) steps, and a mix of
+      # very different early weights is no model at all (pure-noise samples).
+      step = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay(config), (1 + step) / (10 + step))
       new_state["ema_params"] = jax.tree.map(
           lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
     return new_state, metrics

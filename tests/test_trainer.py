@@ -70,11 +70,14 @@ def test_ema_params_follow_the_closed_form_average(clip_task):
     for batch in list(ds.take(3).as_numpy_iterator()):
       state, _ = step(state, pipeline.to_global_arrays(batch, sharding.batch_sharding(mesh)))
       history.append(jax.device_get(state["params"]))
-  # ema_3 = d^3 p0 + (1 - d) (d^2 p1 + d p2 + p3)
-  d = 0.9
-  expected = jax.tree.map(
-      lambda p0, p1, p2, p3: d**3 * p0 + (1 - d) * (d**2 * p1 + d * p2 + p3),
-      *history)
+  # ema_{k+1} = d_k ema_k + (1 - d_k) p_{k+1}, d_k = min(0.9, (1+k)/(10+k)).
+  def average(*params):
+    ema = params[0]
+    for k, p in enumerate(params[1:]):
+      d = min(0.9, (1 + k) / (10 + k))
+      ema = d * ema + (1 - d) * p
+    return ema
+  expected = jax.tree.map(average, *history)
   ema = jax.device_get(state["ema_params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                ema, expected)
