@@ -199,15 +199,21 @@ def train(task, config, workdir: str) -> dict:
   return summary
 
 
-def evaluate(task, config, workdir: str) -> dict:
-  """Re-runs the task's evaluators on the latest checkpoint of `workdir`."""
-  mesh = sharding.make_mesh(config.mesh)
+def restore_latest(task, config, workdir: str, mesh) -> dict:
+  """The train state of `workdir`'s latest checkpoint, sharded on `mesh`."""
   total_steps = config_lib.total_steps(config, task.num_train_examples())
   with sharding.mesh_context(mesh):
     init_fn, state_shardings, _, _ = create_train_state(task, config, mesh, total_steps)
     mngr = checkpoint.manager(workdir, read_only=True)
     abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)
     state, _ = checkpoint.restore(mngr, abstract)
+  return state
+
+
+def evaluate(task, config, workdir: str) -> dict:
+  """Re-runs the task's evaluators on the latest checkpoint of `workdir`."""
+  mesh = sharding.make_mesh(config.mesh)
+  state = restore_latest(task, config, workdir, mesh)
   results = run_evaluators(task.evaluators(mesh, workdir), eval_params(state), mesh)
   summary = {"step": int(state["step"]), "metrics": results}
   if jax.process_index() == 0:

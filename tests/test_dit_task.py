@@ -1,6 +1,9 @@
 """The DiT family runs through the one generic trainer: it trains, keeps an
 EMA, checkpoints, writes sample grids and reports its held-out loss."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -9,6 +12,8 @@ from conftest import TINY_WORLD
 from multimodal import trainer
 from multimodal.evaluators import generation
 from multimodal.tasks import dit as dit_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_dit_config(data_dir, steps=40):
@@ -51,6 +56,27 @@ def test_dit_trains_through_the_generic_trainer(data_dir, tmp_path):
   assert abs(mses[0] - 1) < 0.1, mses
   assert mses[-1] < 0.9, mses
   assert all(r["vb"] > 0 for r in logged if "vb" in r)  # learn_sigma is on.
+
+  # The sample command draws from the EMA params of the latest checkpoint.
+  def sample(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.sample", f"--workdir={workdir}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = workdir / "red.png"
+  run = sample("--prompt=a red circle", "--n=3", "--steps=3", f"--out={out}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert str(out) in run.stdout
+  assert np.asarray(Image.open(out)).shape == (34 + 2, 3 * 34 + 2, 3)
+  bad = sample("--prompt=a circle")
+  assert bad.returncode == 2 and "exactly one colour" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_label_from_prompt_matches_object_pair_label(data_dir):
+  task = dit_task.DiffusionTask(tiny_dit_config(data_dir))
+  # object_pair_label: shape * 8 + colour; circle = 0, red = 0, hexagon = 7.
+  assert task.label_from_prompt("a red circle") == 0
+  assert task.label_from_prompt("A White Hexagon.") == 7 * 8 + 7
+  assert task.label_from_prompt("a large blue star in the center") == 3 * 8 + 5
 
 
 def test_image_grid_layout():

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from multimodal import sharding
-from multimodal.data import preprocess
+from multimodal.data import preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
 from multimodal.evaluators import generation
 from multimodal.models import dit
@@ -39,6 +39,20 @@ class DiffusionTask(base.Task):
   def image_shape(self):
     size = self.config.input.image_size
     return (size, size, 3)
+
+  def label_from_prompt(self, prompt: str) -> int:
+    """'a red circle' -> the class id of (circle, red), as object_pair_label."""
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    shapes = [s for s in shapes_world.SHAPES if s in words]
+    colours = [c for c in shapes_world.COLOURS if c in words]
+    if len(shapes) != 1 or len(colours) != 1:
+      raise ValueError(
+          f"the prompt {prompt!r} must name exactly one colour "
+          f"({', '.join(shapes_world.COLOURS)}) and one shape "
+          f"({', '.join(shapes_world.SHAPES)}), e.g. 'a red circle'; this "
+          "model is conditioned on (shape, colour) classes.")
+    return (shapes_world.SHAPES.index(shapes[0]) * len(shapes_world.COLOURS)
+            + shapes_world.COLOURS.index(colours[0]))
 
   # --- the trainer's interface -------------------------------------------
 
