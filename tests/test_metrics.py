@@ -61,3 +61,28 @@ def test_class_embeddings_average_templates_then_renormalise():
   z = zero_shot.class_embeddings(["cat", "dog"], ["a {}", "the {}"], encode)
   np.testing.assert_allclose(z[0], np.array([1, 1]) / np.sqrt(2), atol=1e-6)
   np.testing.assert_allclose(z[1], [-1, 0], atol=1e-6)
+
+
+def _scipy_frechet(mu1, sigma1, mu2, sigma2):
+  """pytorch-fid's formula, with scipy's matrix square root."""
+  from scipy import linalg
+  covmean = linalg.sqrtm(sigma1 @ sigma2).real
+  diff = mu1 - mu2
+  return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_frechet_distance_matches_scipy_reference(seed):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+  b = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16)) + rng.normal(size=16)
+  stats_a, stats_b = metrics.gaussian_statistics(a), metrics.gaussian_statistics(b)
+  got = metrics.frechet_distance(*stats_a, *stats_b)
+  assert got == pytest.approx(_scipy_frechet(*stats_a, *stats_b), rel=1e-6)
+  assert got > 1.0  # Different distributions are far apart...
+  assert metrics.frechet_distance(*stats_a, *stats_a) == pytest.approx(0.0, abs=1e-6)
+  # ...and a pure shift by d costs exactly ||d||^2.
+  shift = rng.normal(size=16)
+  stats_shifted = metrics.gaussian_statistics(a + shift)
+  assert metrics.frechet_distance(*stats_a, *stats_shifted) == pytest.approx(
+      shift @ shift, rel=1e-6)

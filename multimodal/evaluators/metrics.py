@@ -47,3 +47,27 @@ def retrieval_metrics(similarity: np.ndarray, text_to_image: np.ndarray,
     results[f"image_to_text_recall@{k}"] = float((first_match_rank < k).mean())
     results[f"text_to_image_recall@{k}"] = float((text_rank < k).mean())
   return results
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, covariance) of [N, D] features, in float64, as FID uses them."""
+  features = np.asarray(features, np.float64)
+  return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """Fréchet distance of two Gaussians (FID, given Inception-like features):
+  ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+
+  Tr((sigma1 sigma2)^(1/2)) is the sum of the square roots of the eigenvalues
+  of sigma1 sigma2, which is similar to the PSD sigma1^(1/2) sigma2
+  sigma1^(1/2): its eigenvalues are real and >= 0 but for round-off, which is
+  clipped. This avoids a matrix square root (scipy.linalg.sqrtm) and its
+  complex round-off for singular covariances.
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  eigenvalues = np.linalg.eigvals(sigma1 @ sigma2)
+  trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0.0, None)).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
