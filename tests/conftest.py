@@ -49,3 +49,26 @@ def clip_task(data_dir):
   """One tiny contrastive task (tokenizer trained once) for the whole session."""
   from multimodal.tasks import clip
   return clip.ContrastiveTask(tiny_clip_config(data_dir))
+
+
+def assert_logically_partitioned(params):
+  """Every param leaf is a float32 nn.LogicallyPartitioned whose names are
+  known logical axes, one per dimension and none repeated."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from multimodal.models import layers
+  allowed = set(layers.LOGICAL_AXES) | set(layers.EXTRA_LOGICAL_AXES)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves
+  # One distinct mesh axis per logical name: logical_to_mesh_axes must accept
+  # every spec (it rejects a name repeated within one array).
+  rules = [(a, f"mesh_{a}") for a in sorted(allowed)]
+  for path, leaf in leaves:
+    where = jax.tree_util.keystr(path)
+    assert isinstance(leaf, nn.LogicallyPartitioned), where
+    assert leaf.value.dtype == jnp.float32, where
+    assert len(leaf.names) == leaf.value.ndim, where
+    assert all(n is None or n in allowed for n in leaf.names), (where, leaf.names)
+    nn.logical_to_mesh_axes(leaf.names, rules)

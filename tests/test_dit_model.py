@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from multimodal import sharding
+from conftest import assert_logically_partitioned
 from multimodal.models import dit, layers
 
 KEY = jax.random.PRNGKey(0)
-ALLOWED = set(layers.LOGICAL_AXES) | set(layers.EXTRA_LOGICAL_AXES)
 B = 2
 X = jnp.asarray(np.random.RandomState(0).randn(B, 8, 8, 4), jnp.float32)
 T = jnp.asarray([3, 700], jnp.int32)
@@ -423,18 +423,8 @@ def _param_trees():
 @pytest.mark.parametrize("name,model,args,kwargs", list(_param_trees()),
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_every_param_is_logically_partitioned(name, model, args, kwargs):
-  params = jax.eval_shape(lambda: model.init(KEY, *args, **kwargs))["params"]
-  leaves = jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  assert leaves
-  rules = [(a, f"mesh_{a}") for a in sorted(ALLOWED)]
-  for path, leaf in leaves:
-    where = jax.tree_util.keystr(path)
-    assert isinstance(leaf, nn.LogicallyPartitioned), where
-    assert leaf.value.dtype == jnp.float32, where
-    assert len(leaf.names) == leaf.value.ndim, where
-    assert all(n is None or n in ALLOWED for n in leaf.names), (where, leaf.names)
-    nn.logical_to_mesh_axes(leaf.names, rules)  # Rejects a repeated name.
+  assert_logically_partitioned(
+      jax.eval_shape(lambda: model.init(KEY, *args, **kwargs))["params"])
 
 
 def test_block_param_paths():

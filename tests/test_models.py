@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_logically_partitioned
 from multimodal.models import layers
 from multimodal.models.text import TextTransformer
 from multimodal.models.two_towers import TwoTowers
@@ -18,7 +19,6 @@ KEY = jax.random.PRNGKey(0)
 IMG = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 3), jnp.float32)
 MU_VIT = dict(variant="mu/4")  # 16x16 image -> 4x4 = 16 patches of width 64.
 MU_TXT = dict(vocab_size=50, variant="mu")
-ALLOWED = set(layers.LOGICAL_AXES) | set(layers.EXTRA_LOGICAL_AXES)
 
 
 def n_params(tree):
@@ -80,20 +80,7 @@ def _all_param_trees():
 @pytest.mark.parametrize("name,model,args", list(_all_param_trees()), ids=lambda v: (
     v if isinstance(v, str) else ""))
 def test_every_param_is_logically_partitioned(name, model, args):
-  params = jax.eval_shape(model.init, KEY, *args)["params"]
-  leaves = jax.tree_util.tree_leaves_with_path(
-      params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves
-  # One distinct mesh axis per logical name: logical_to_mesh_axes must accept
-  # every spec (it rejects a name repeated within one array).
-  rules = [(a, f"mesh_{a}") for a in sorted(ALLOWED)]
-  for path, leaf in leaves:
-    where = jax.tree_util.keystr(path)
-    assert isinstance(leaf, nn.LogicallyPartitioned), where
-    assert leaf.value.dtype == jnp.float32, where
-    assert len(leaf.names) == leaf.value.ndim, where
-    assert all(n is None or n in ALLOWED for n in leaf.names), (where, leaf.names)
-    nn.logical_to_mesh_axes(leaf.names, rules)
+  assert_logically_partitioned(jax.eval_shape(model.init, KEY, *args)["params"])
 
 
 def test_runs_under_mesh_with_logical_rules():
