@@ -237,6 +237,17 @@ class LabelEmbedder(nn.Module):
     return table(labels)
 
 
+def _text_projection(module: nn.Module):
+  """(kernel, bias) of a text embedder's Dense text_dim -> width, declared
+  explicitly (not nn.Dense) so they exist even when init saw no text."""
+  kernel = module.param("kernel", layers.partitioned(nn.initializers.xavier_uniform(),
+                                                     (None, "embed")),
+                        (module.text_dim, module.width), jnp.float32)
+  bias = module.param("bias", layers.partitioned(nn.initializers.zeros, ("embed",)),
+                      (module.width,), jnp.float32)
+  return kernel, bias
+
+
 class TextEmbedder(nn.Module):
   """Pooled text embedding (B, text_dim) -> Dense -> (B, width), added to c.
 
@@ -250,11 +261,7 @@ class TextEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, text_emb, drop):
-    kernel = self.param("kernel", layers.partitioned(nn.initializers.xavier_uniform(),
-                                                     (None, "embed")),
-                        (self.text_dim, self.width), jnp.float32)
-    bias = self.param("bias", layers.partitioned(nn.initializers.zeros, ("embed",)),
-                      (self.width,), jnp.float32)
+    kernel, bias = _text_projection(self)
     null = self.param("null_embedding",
                       layers.partitioned(nn.initializers.normal(stddev=0.02), ("embed",)),
                       (self.width,), jnp.float32).astype(self.dtype)
@@ -281,11 +288,7 @@ class TextTokenEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, mask, drop):
-    kernel = self.param("kernel", layers.partitioned(nn.initializers.xavier_uniform(),
-                                                     (None, "embed")),
-                        (self.text_dim, self.width), jnp.float32)
-    bias = self.param("bias", layers.partitioned(nn.initializers.zeros, ("embed",)),
-                      (self.width,), jnp.float32)
+    kernel, bias = _text_projection(self)
     null = self.param("null_token",
                       layers.partitioned(nn.initializers.normal(stddev=0.02),
                                          (None, None, "embed")),
