@@ -31,6 +31,11 @@ def _with_example_seed(seed: int):
   return add
 
 
+def is_single_object(example) -> tf.Tensor:
+  """Predicate on raw shapes-world examples: the scene holds one object."""
+  return tf.equal(example["num_objects"], 1)
+
+
 def train_dataset(source: Source, *, split: str, pp_fn: Callable,
                   local_batch_size: int, seed: int, start_example: int = 0,
                   shuffle_buffer: int = 10_000, process_index: int = 0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from multimodal import losses, sharding
 from multimodal.data import pipeline, preprocess, tokenizer as tokenizer_lib
@@ -98,7 +97,7 @@ class ContrastiveTask(base.Task):
     result = []
     for name, cfg in sorted(self.config.evals.items()):
       pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
-      filter_fn = ((lambda ex: tf.equal(ex["num_objects"], 1))
+      filter_fn = (pipeline.is_single_object
                    if cfg.get("single_object_only") else None)
       batches = self.eval_batches(
           mesh, split=cfg.split, pp_fn=pp_fn, filter_fn=filter_fn,

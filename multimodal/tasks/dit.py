@@ -9,10 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from multimodal import sharding
-from multimodal.data import preprocess, shapes_world
+from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
 from multimodal.evaluators import generation
 from multimodal.models import dit
@@ -61,7 +60,7 @@ class DiffusionTask(base.Task):
 
   def train_filter(self):
     if self.config.input.get("single_object_only"):
-      return lambda ex: tf.equal(ex["num_objects"], 1)
+      return pipeline.is_single_object
     return None
 
   def init(self, rng):
