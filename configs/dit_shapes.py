@@ -69,4 +69,13 @@ def get_config(arg=None):
                          num=c.model.num_classes, cols=num_colours)
   c.evals.val_loss = dict(type="denoising_loss", split="validation",
                           pp=c.input.pp)
+  # Generation quality under an independent recognizer, a shape-and-colour
+  # classifier trained by this codebase on real images (on first use, into
+  # <data_dir>/recognizers/; set recognizer_workdir to use a run of your own).
+  c.evals.quality = dict(
+      type="quality", recognizer=f"configs/shapes_classifier.py:res={arg.res}",
+      recognizer_workdir=config_dict.placeholder(str), per_class=8, steps=50,
+      cfg_scale=3.0, sampler="ddim", split="test", batch_size=arg.batch,
+      pp=image_pp + '|object_label("shape", outkey="shape")'
+      '|object_label("colour", outkey="colour")|keep("image", "shape", "colour")')
   return c

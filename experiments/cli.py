@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import importlib.util
 import os
 import sys
 
@@ -42,7 +41,7 @@ def parse_flags(argv: list[str]) -> None:
     fail(f"config file '{path}' does not exist. Configs here: "
          f"{', '.join(k for k in known if not k.endswith('__init__.py'))}.")
   try:
-    _load_config_file(spec)
+    config_lib.load_config_file(spec)
   except config_lib.ConfigError as e:
     fail(str(e))
   except Exception as e:  # noqa: BLE001 -- any failure of the config file.
@@ -65,7 +64,7 @@ def _explain_flag_error(error: Exception, argv: list[str]) -> str:
   """Names the first override whose key the config does not have."""
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
   try:
-    config = _load_config_file(spec)
+    config = config_lib.load_config_file(spec)
   except Exception as e:  # noqa: BLE001 -- any failure of the config file.
     return f"could not build the config {spec}: {type(e).__name__}: {e}"
   for arg in argv[1:]:
@@ -74,14 +73,6 @@ def _explain_flag_error(error: Exception, argv: list[str]) -> str:
       if not _has_key(config, key):
         return config_lib.unknown_key_message(key, config)
   return str(error).strip().splitlines()[0]
-
-
-def _load_config_file(spec: str):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_file", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def _has_key(config, dotted: str) -> bool:

@@ -4,12 +4,10 @@ and prints where it is.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 
-import ml_collections
 from absl import flags
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A DiT run written by `./launch.sh run`.")
@@ -34,16 +32,15 @@ def main(argv: list[str]) -> None:
   except flags.Error as e:
     fail(str(e))
   workdir = WORKDIR.value
-  config_path = os.path.join(workdir or "", "config.json")
-  if not workdir or not os.path.exists(config_path):
-    fail(f"no config.json in --workdir={workdir!r}; point --workdir at a "
-         "directory written by `./launch.sh run configs/dit_shapes.py`.")
+  from multimodal import config_lib
+  try:
+    config = config_lib.load_workdir_config(workdir)
+  except config_lib.ConfigError as e:
+    fail(f"{e} (sampling needs a run of configs/dit_shapes.py)")
   if not PROMPT.value:
     fail('--prompt is required, e.g. --prompt "a red circle".')
   if N.value < 1 or STEPS.value < 1:
     fail("--n and --steps must be at least 1.")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
   if config.task != "dit":
     fail(f"{workdir} trained task '{config.task}'; sampling needs a DiT run (task 'dit').")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.util
 import json
+import os
 
 import ml_collections
 
@@ -122,3 +124,34 @@ def total_steps(config, num_train_examples: int | None) -> int:
 
 def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# The repository root: config paths like "configs/x.py" resolve against it
+# when they are not found relative to the working directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_path(path: str) -> str:
+  if os.path.isfile(path) or os.path.isabs(path):
+    return path
+  return os.path.join(REPO_ROOT, path)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Builds `path/to/config.py[:ARGS]` by calling its get_config(ARGS)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(
+      "_config_file", resolve_config_path(path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved as `workdir/config.json`."""
+  path = os.path.join(workdir or "", "config.json")
+  if not workdir or not os.path.exists(path):
+    raise ConfigError(f"no config.json in workdir {workdir!r}; point it at a "
+                      "directory written by `./launch.sh run`.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

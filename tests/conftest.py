@@ -72,3 +72,16 @@ def assert_logically_partitioned(params):
     assert len(leaf.names) == leaf.value.ndim, where
     assert all(n is None or n in allowed for n in leaf.names), (where, leaf.names)
     nn.logical_to_mesh_axes(leaf.names, rules)
+
+
+TINY_RECOGNIZER = "configs/shapes_classifier.py:variant=mu/8,steps=60,res=32,batch=32"
+
+
+@pytest.fixture(scope="session")
+def recognizer_workdir(data_dir, tmp_path_factory):
+  """A tiny shape-and-colour classifier, trained once per session the way a
+  DiT run trains its recognizer on first use."""
+  from multimodal.evaluators import recognizer
+  return recognizer.ensure_trained(
+      TINY_RECOGNIZER, cache_root=str(tmp_path_factory.mktemp("recognizers")),
+      data_dir=data_dir, shapes_world=TINY_WORLD)

@@ -16,7 +16,7 @@ from multimodal.tasks import dit as dit_task
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_dit_config(data_dir, steps=40):
+def tiny_dit_config(data_dir, recognizer_workdir=None, steps=40):
   from configs import dit_shapes
   config = dit_shapes.get_config(f"variant=mu/8,steps={steps},res=32,batch=32")
   config.input.data_dir = data_dir
@@ -29,11 +29,18 @@ def tiny_dit_config(data_dir, steps=40):
   config.evals.samples.steps = 4
   config.evals.samples.num = 16
   config.evals.val_loss.batch_size = 64
+  if recognizer_workdir is None:
+    del config.evals["quality"]
+  else:
+    config.evals.quality.recognizer_workdir = recognizer_workdir
+    config.evals.quality.per_class = 1
+    config.evals.quality.steps = 4
+    config.evals.quality.batch_size = 32
   return config
 
 
-def test_dit_trains_through_the_generic_trainer(data_dir, tmp_path):
-  config = tiny_dit_config(data_dir)
+def test_dit_trains_through_the_generic_trainer(data_dir, recognizer_workdir, tmp_path):
+  config = tiny_dit_config(data_dir, recognizer_workdir)
   task = dit_task.DiffusionTask(config)
   workdir = tmp_path / "dit"
   summary = trainer.train(task, config, str(workdir))
@@ -41,6 +48,11 @@ def test_dit_trains_through_the_generic_trainer(data_dir, tmp_path):
   metrics = summary["metrics"]
   assert np.isfinite(metrics["val_loss/loss"]), metrics
   assert metrics["samples/pixel_std"] > 0, metrics  # Not a constant image.
+  # Generation quality: 56 trained classes x 1 sample, judged by the recognizer.
+  assert metrics["quality/num_samples"] == 56, metrics
+  assert 0 <= metrics["quality/conditional_accuracy"] <= 1
+  assert metrics["quality/fid"] > 0 and np.isfinite(metrics["quality/fid"])
+  assert metrics["quality/recognizer_real_colour_accuracy"] > 0.5, metrics
   grid = np.asarray(Image.open(workdir / "samples_latest.png"))
   # 16 samples in rows of 8 colours, 32 px each with 2 px gaps.
   assert grid.shape == (2 * 34 + 2, 8 * 34 + 2, 3)

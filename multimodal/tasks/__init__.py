@@ -10,6 +10,7 @@ import importlib
 # config.task -> "module:Class", imported on demand so a task's heavy
 # dependencies load only when it runs.
 _TASKS = {
+    "classify": "multimodal.tasks.classify:ClassificationTask",
     "clip": "multimodal.tasks.clip:ContrastiveTask",
     "dit": "multimodal.tasks.dit:DiffusionTask",
 }

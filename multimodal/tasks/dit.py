@@ -6,6 +6,8 @@ params the trainer passes and measure the held-out denoising loss.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import numpy as np
 from multimodal import sharding
 from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
-from multimodal.evaluators import generation
+from multimodal.evaluators import generation, recognizer as recognizer_lib
 from multimodal.models import dit
 from multimodal.tasks import base
 
@@ -131,8 +133,37 @@ class DiffusionTask(base.Task):
         loss = jax.jit(lambda params, batch: self._losses(
             params, batch, jax.random.key(0), train=False)["loss"])
         result.append(generation.DenoisingLoss(name=name, batches=batches, loss=loss))
+      elif cfg.type == "quality":
+        result.append(self._quality_evaluator(name, cfg, mesh))
       else:
         raise ValueError(
             f"config.evals.{name}.type={cfg.type!r}; this task knows "
-            "'samples' and 'denoising_loss'.")
+            "'samples', 'denoising_loss' and 'quality'.")
     return result
+
+  def _quality_evaluator(self, name, cfg, mesh):
+    """Conditional accuracy and FID under a shape-and-colour recognizer."""
+    workdir = cfg.get("recognizer_workdir") or recognizer_lib.ensure_trained(
+        cfg.recognizer, cache_root=os.path.join(self.source.data_dir, "recognizers"),
+        data_dir=self.config.input.get("data_dir"),
+        shapes_world=self.config.input.get("shapes_world"))
+    recognizer = recognizer_lib.Recognizer(workdir, mesh)
+    if recognizer.heads != ["colour", "shape"]:
+      raise ValueError(f"config.evals.{name}: the recognizer in {workdir} has heads "
+                       f"{recognizer.heads}; scoring (shape, colour) classes needs "
+                       "heads 'shape' and 'colour' (configs/shapes_classifier.py).")
+    labels = np.arange(self.model.num_classes, dtype=np.int32)
+    num_colours = len(shapes_world.COLOURS)
+    novel = tuple(shapes_world.SHAPES.index(s) * num_colours + shapes_world.COLOURS.index(c)
+                  for s, c in shapes_world.NOVEL_PAIRS)
+    batch_size = cfg.get("batch_size", self.config.input.batch_size)
+    return generation.GenerationQuality(
+        name=name, labels=labels, per_label=cfg.per_class, batch_size=batch_size,
+        targets={"shape": labels // num_colours, "colour": labels % num_colours},
+        novel_labels=novel, recognizer=recognizer.predict,
+        real_batches=self.eval_batches(
+            mesh, split=cfg.split, pp_fn=preprocess.build(cfg.pp),
+            filter_fn=pipeline.is_single_object, batch_size=batch_size),
+        sample=self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                            sampler=cfg.get("sampler", "ddim")),
+        put=lambda x: jax.device_put(x, sharding.batch_sharding(mesh)))
