@@ -39,11 +39,17 @@ def get_config(arg=None):
   label_pp = f'object_pair_label("shape", "colour", {num_colours})'
   c.input.pp = f'{image_pp}|{label_pp}|keep("image", "label")'
 
+  # Pixel space here; configs/dit_xl2.py shows latent diffusion through a VAE.
+  c.vae = dict(from_diffusers=config_dict.placeholder(str), scale_factor=0.18215)
+  # Initial weights from a diffusers DiTTransformer2DModel directory.
+  c.init = dict(from_diffusers=config_dict.placeholder(str))
+
   c.model = config_dict.ConfigDict()
   c.model.variant = arg.variant
   c.model.num_classes = len(shapes_world.SHAPES) * num_colours
   c.model.class_dropout_prob = 0.1  # Trains the unconditional half of CFG.
   c.model.learn_sigma = True
+  c.model.t_freq_shift = 0.0  # DiT's; imported diffusers weights set 1.0.
 
   c.diffusion = config_dict.ConfigDict()
   c.diffusion.beta_schedule = "linear"  # | "cosine"

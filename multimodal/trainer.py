@@ -18,7 +18,7 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from multimodal import checkpoint, config_lib, optim, sharding
+from multimodal import checkpoint, config_lib, optim, pretrained, sharding
 from multimodal.data import pipeline
 from multimodal.metrics_writer import MetricsWriter
 
@@ -68,6 +68,17 @@ def create_train_state(task, config, mesh, total_steps: int):
   init_fn = jax.jit(lambda rng: nn.unbox(init_boxed_state(rng)),
                     out_shardings=state_shardings)
   return (lambda: init_fn(rng)), state_shardings, tx, schedule
+
+
+def with_pretrained(task, state: dict, state_shardings: dict) -> dict:
+  """A fresh state with the task's pretrained weights (if any) put in, in
+  the params and in their moving average alike."""
+  for what, weights in task.pretrained_params():
+    print(f"Initialising from {what}.")
+    for key in ("params", "ema_params"):
+      if key in state:
+        state[key] = pretrained.merge(state[key], weights, state_shardings[key], what)
+  return state
 
 
 def make_train_step(task, config, tx, schedule, state_shardings, mesh):
@@ -149,7 +160,8 @@ def train(task, config, workdir: str) -> dict:
       state, data_position = checkpoint.restore(mngr, abstract)
       print(f"Resuming from step {int(state['step'])} of {mngr.directory}.")
     else:
-      state, data_position = init_fn(), {"examples_per_process": 0}
+      state = with_pretrained(task, init_fn(), state_shardings)
+      data_position = {"examples_per_process": 0}
   start_step = int(state["step"])
   local_batch = global_batch // jax.process_count()
 

@@ -52,6 +52,11 @@ class Task(abc.ABC):
     except Exception:  # Sources without split sizes (TFRecord shards).
       return None
 
+  def pretrained_params(self) -> list[tuple[str, dict]]:
+    """(where from, nested dict of host arrays) pairs that replace parts of a
+    fresh init: a subset of the param tree, same nesting and shapes."""
+    return []
+
   def train_filter(self) -> Callable | None:
     """A predicate on raw training examples; only those it keeps are used."""
     return None

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import sharding
+from multimodal import config_lib, sharding
 from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
 from multimodal.evaluators import generation, recognizer as recognizer_lib
+from multimodal.importers import diffusers_dit, diffusers_vae
 from multimodal.models import dit
 from multimodal.tasks import base
 
@@ -27,18 +28,52 @@ class DiffusionTask(base.Task):
   def __init__(self, config):
     super().__init__(config)
     m = config.model
+    self.imported = self._import_diffusers_dit()
     self.model = dit.DiT(
         variant=m.variant, num_classes=m.num_classes,
         class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+        t_freq_shift=(self.imported[0]["t_freq_shift"] if self.imported
+                      else m.get("t_freq_shift", 0.0)),
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     d = config.diffusion
     self.num_timesteps = d.num_timesteps
     self.schedule = schedules.named_schedule(d.beta_schedule, d.num_timesteps)
     self.prediction = d.prediction
+    # Latent diffusion: a frozen VAE between pixels and the DiT.
+    vae_dir = config.get("vae", {}).get("from_diffusers")
+    self.codec = (diffusers_vae.load_codec(vae_dir, config.vae.get("scale_factor"))
+                  if vae_dir else None)
+
+  def _import_diffusers_dit(self):
+    """(kwargs, params) of `config.init.from_diffusers`, checked against
+    the architecture this config builds, or None."""
+    directory = self.config.get("init", {}).get("from_diffusers")
+    if not directory:
+      return None
+    kwargs, params = diffusers_dit.load_dit(directory)
+    m = self.config.model
+    ours = dict(dit.decode_variant(m.variant), num_classes=m.num_classes,
+                learn_sigma=m.learn_sigma)
+    for key, value in ours.items():
+      if tuple(np.atleast_1d(kwargs[key])) != tuple(np.atleast_1d(value)):
+        raise config_lib.ConfigError(
+            f"config.init.from_diffusers={directory} holds a DiT with {key}="
+            f"{kwargs[key]}, but this config builds {key}={value} (config.model."
+            f"{'variant' if key in ('width', 'depth', 'num_heads', 'patch_size') else key}"
+            "); make them agree.")
+    return kwargs, params
+
+  def pretrained_params(self):
+    if self.imported is None:
+      return []
+    return [(f"the diffusers DiT in {self.config.init.from_diffusers}", self.imported[1])]
 
   @property
   def image_shape(self):
+    """What the DiT denoises: pixels, or the VAE's latents of them."""
     size = self.config.input.image_size
+    if self.codec is not None:
+      return self.codec.latent_shape((size, size, 3))
     return (size, size, 3)
 
   def label_from_prompt(self, prompt: str) -> int:
@@ -74,8 +109,10 @@ class DiffusionTask(base.Task):
                            x, t, y)["params"]
 
   def _losses(self, params, batch, rng, *, train):
-    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    t_rng, noise_rng, drop_rng, vae_rng = jax.random.split(rng, 4)
     x0 = batch["image"]
+    if self.codec is not None:  # DiT trains on posterior samples, as train.py.
+      x0 = jax.lax.stop_gradient(self.codec.encode(x0, vae_rng))
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, self.num_timesteps)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
 
@@ -112,6 +149,8 @@ class DiffusionTask(base.Task):
         x = samplers.ddpm_sample(model_fn, respaced, shape, key, **kwargs)
       else:
         raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'.")
+      if self.codec is not None:
+        x = self.codec.decode(x)
       return jnp.clip(x, -1, 1)
     return jax.jit(sample, out_shardings=sharding.replicated(mesh))
 

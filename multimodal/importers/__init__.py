@@ -1,0 +1,1 @@
+"""Importers of pretrained weights (diffusers directories) into our Flax models."""
