@@ -13,6 +13,7 @@ from multimodal import config_lib
 
 SHAPES_WORLD = dict(image_size=64, train_examples=50_000, eval_examples=2_000,
                     seed=0)
+MAX_TEXT_LEN = 40  # Tokens per caption; the longest shapes-world caption fits.
 
 
 def get_config(arg=None):
@@ -38,11 +39,11 @@ def get_config(arg=None):
   c.input.shuffle_buffer = 10_000
   c.input.image_size = arg.res
   c.input.tokenizer = dict(model=config_dict.placeholder(str), vocab_size=256,
-                           max_len=40)
+                           max_len=MAX_TEXT_LEN)
   image_pp = f"decode|resize({arg.res})|value_range(-1,1)"
   # No flip_lr: captions name left and right, and a flip would falsify them.
   c.input.pp = (image_pp + '|choice(inkey="captions", outkey="text")'
-                '|tokenize(max_len=40, inkey="text", outkey="tokens")'
+                f'|tokenize(max_len={MAX_TEXT_LEN}, inkey="text", outkey="tokens")'
                 '|keep("image", "tokens")')
 
   c.model = config_dict.ConfigDict()
@@ -90,6 +91,6 @@ def get_config(arg=None):
           pp=image_pp + f'|object_label("{attribute}")|keep("image", "label")')
   c.evals.retrieval = dict(
       type="retrieval", split="test", single_object_only=False,
-      pp=image_pp + '|tokenize(max_len=40, inkey="captions", '
+      pp=image_pp + f'|tokenize(max_len={MAX_TEXT_LEN}, inkey="captions", '
       'outkey="caption_tokens")|keep("image", "caption_tokens")')
   return c

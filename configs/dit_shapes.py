@@ -2,6 +2,7 @@ r"""A class-conditional DiT on the shapes world's single-object scenes.
 
   ./launch.sh run configs/dit_shapes.py
   ./launch.sh run configs/dit_shapes.py:variant=S/4,steps=20000
+  ./launch.sh run configs/dit_shapes.py:cond=text      # conditioned on captions
 
 One class per (shape, colour) pair: 64 classes, of which the 8 held-out
 pairs never occur in training. Pixel space at 32x32 (no VAE). Every
@@ -15,7 +16,10 @@ from multimodal.data import shapes_world
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="mu/4", steps=4000, res=32, batch=64)
+  arg = config_lib.parse_arg(arg, variant="mu/4", steps=4000, res=32, batch=64,
+                             cond="class", cross_attention=False)
+  if arg.cond not in ("class", "text"):
+    raise config_lib.ConfigError(f"cond={arg.cond!r}; use cond=class or cond=text.")
   c = config_dict.ConfigDict()
   c.task = "dit"
   c.seed = 0
@@ -36,8 +40,13 @@ def get_config(arg=None):
   c.input.shuffle_buffer = 10_000
   c.input.image_size = arg.res
   image_pp = f"decode|resize({arg.res})|value_range(-1,1)"
-  label_pp = f'object_pair_label("shape", "colour", {num_colours})'
-  c.input.pp = f'{image_pp}|{label_pp}|keep("image", "label")'
+  if arg.cond == "class":
+    label_pp = f'object_pair_label("shape", "colour", {num_colours})'
+    c.input.pp = f'{image_pp}|{label_pp}|keep("image", "label")'
+  else:  # One of the image's captions, in the text encoder's tokens.
+    c.input.pp = (f'{image_pp}|choice(inkey="captions", outkey="text")'
+                  f'|tokenize(max_len={clip_shapes.MAX_TEXT_LEN}, inkey="text", '
+                  'outkey="tokens")|keep("image", "tokens")')
 
   # Pixel space here; configs/dit_xl2.py shows latent diffusion through a VAE.
   c.vae = dict(from_diffusers=config_dict.placeholder(str), scale_factor=0.18215)
@@ -46,8 +55,16 @@ def get_config(arg=None):
 
   c.model = config_dict.ConfigDict()
   c.model.variant = arg.variant
-  c.model.num_classes = len(shapes_world.SHAPES) * num_colours
-  c.model.class_dropout_prob = 0.1  # Trains the unconditional half of CFG.
+  c.model.conditioning = arg.cond
+  c.model.num_classes = len(shapes_world.SHAPES) * num_colours  # cond=class only.
+  # cond=text: the frozen text tower of a CLIP run (workdir), or of a run of
+  # `config` trained on first use into <data_dir>/text_encoders/.
+  c.model.text_encoder = dict(workdir=config_dict.placeholder(str),
+                              config="configs/clip_shapes.py")
+  c.model.cross_attention = arg.cross_attention  # Also attend to its tokens.
+  # Dropped to null together (class, or pooled text and tokens): trains the
+  # unconditional half of classifier-free guidance.
+  c.model.class_dropout_prob = 0.1
   c.model.learn_sigma = True
   c.model.t_freq_shift = 0.0  # DiT's; imported diffusers weights set 1.0.
 
@@ -56,6 +73,7 @@ def get_config(arg=None):
   c.diffusion.num_timesteps = 1000
   c.diffusion.prediction = "epsilon"  # | "v"
 
+  c.freeze = "text_encoder/.*"  # Matches nothing in cond=class.
   c.compute_dtype = "float32"
   c.lr = 1e-3
   c.wd = 0.0

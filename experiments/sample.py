@@ -49,24 +49,23 @@ def main(argv: list[str]) -> None:
   from multimodal import checkpoint, sharding, tasks, trainer
   from multimodal.evaluators import generation
   task = tasks.get(config.task)(config)
+  # Pad the batch to the data-parallel size; the extra samples are dropped.
+  mesh = sharding.make_mesh(config.mesh)
+  devices = sharding.data_parallel_size(mesh)
+  padded = -(-N.value // devices) * devices
   try:
-    label = task.label_from_prompt(PROMPT.value)
+    condition = task.condition_for_prompt(PROMPT.value, padded)
   except ValueError as e:
     fail(str(e))
-  mesh = sharding.make_mesh(config.mesh)
   try:
     state = trainer.restore_latest(task, config, workdir, mesh)
   except checkpoint.CheckpointError as e:
     fail(str(e))
-  # Pad the batch to the data-parallel size; the extra samples are dropped.
-  devices = sharding.data_parallel_size(mesh)
-  padded = -(-N.value // devices) * devices
   sample = task.sampler(mesh, steps=STEPS.value, cfg_scale=CFG.value,
                         sampler=SAMPLER.value, eta=ETA.value, seed=SEED.value)
-  labels = jax.device_put(np.full((padded,), label, np.int32),
-                          sharding.batch_sharding(mesh))
+  condition = jax.device_put(condition, sharding.batch_sharding(mesh))
   with sharding.mesh_context(mesh):
-    images = np.asarray(sample(trainer.eval_params(state), labels))[:N.value]
+    images = np.asarray(sample(trainer.eval_params(state), condition))[:N.value]
   slug = re.sub(r"[^a-z0-9]+", "_", PROMPT.value.lower()).strip("_")
   out = OUT.value or os.path.join(workdir, "samples", f"{slug}.png")
   cols = min(N.value, 8)

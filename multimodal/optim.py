@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -47,16 +48,34 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(config, params, total_steps: int):
-  """Returns (optax transformation, learning-rate schedule)."""
+  """Returns (optax transformation, learning-rate schedule).
+
+  `config.freeze` (a regex over '/'-joined param paths, or None) names
+  parameters that never change: they get no update, no weight decay and no
+  optimizer state (e.g. a pretrained text encoder inside a DiT's params).
+  """
   schedule = learning_rate_schedule(config, total_steps)
+  freeze = config.get("freeze")
+  if freeze:
+    frozen = path_mask(params, freeze)
+    labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
+    return optax.multi_transform(
+        {"trained": _trainable_optimizer(config, schedule), "frozen": optax.set_to_zero()},
+        labels), schedule
+  return _trainable_optimizer(config, schedule), schedule
+
+
+def _trainable_optimizer(config, schedule):
   # Decay only the parameters the pattern names (by default the matmul
   # kernels): decaying norms, biases and the temperature hurts, as in CLIP.
-  decay_mask = path_mask(params, config.wd_mask)
+  # A callable, because under config.freeze it sees the trained subtree only.
+  def decay_mask(params):
+    return path_mask(params, config.wd_mask)
   parts = []
   if config.get("grad_clip_norm"):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(
       schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
       weight_decay=config.wd, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts)
 

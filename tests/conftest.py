@@ -81,7 +81,7 @@ TINY_RECOGNIZER = "configs/shapes_classifier.py:variant=mu/8,steps=60,res=32,bat
 def recognizer_workdir(data_dir, tmp_path_factory):
   """A tiny shape-and-colour classifier, trained once per session the way a
   DiT run trains its recognizer on first use."""
-  from multimodal.evaluators import recognizer
-  return recognizer.ensure_trained(
+  from multimodal import trained_runs
+  return trained_runs.ensure_trained(
       TINY_RECOGNIZER, cache_root=str(tmp_path_factory.mktemp("recognizers")),
       data_dir=data_dir, shapes_world=TINY_WORLD)

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from conftest import TINY_RECOGNIZER, TINY_WORLD, assert_logically_partitioned
-from multimodal import config_lib, sharding
+from multimodal import config_lib, sharding, trained_runs
 from multimodal.evaluators import classification, recognizer
 from multimodal.models import classifier
 
@@ -68,12 +68,12 @@ def test_recognizer_is_trained_once_and_then_reused(recognizer_workdir, data_dir
   assert results["accuracy_test/colour_acc1"] > 0.5, results
   stamp = os.path.getmtime(os.path.join(recognizer_workdir, "results.json"))
   cache_root = os.path.dirname(recognizer_workdir)
-  again = recognizer.ensure_trained(TINY_RECOGNIZER, cache_root=cache_root,
+  again = trained_runs.ensure_trained(TINY_RECOGNIZER, cache_root=cache_root,
                                     data_dir=data_dir, shapes_world=TINY_WORLD)
   assert again == recognizer_workdir
   assert os.path.getmtime(os.path.join(again, "results.json")) == stamp
   # A different config is a different recognizer (keyed by its hash).
-  other = recognizer.cache_workdir(
+  other = trained_runs.cache_workdir(
       config_lib.load_config_file(TINY_RECOGNIZER.replace("steps=60", "steps=61")),
       cache_root, "shapes_classifier")
   assert other != recognizer_workdir

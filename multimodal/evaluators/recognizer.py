@@ -1,51 +1,16 @@
 """An independent recognizer for generated images: a classifier run of this
 codebase (task "classify", e.g. configs/shapes_classifier.py), loaded from its
 workdir and applied to samples at whatever resolution they come in.
-
-`ensure_trained` makes "independent recognizer" cost the user nothing: the
-first generative run that needs one trains it into a cache directory beside
-the data (keyed by the recognizer's full config), later runs reuse it, and
-a run interrupted half-way resumes from its checkpoint.
+A generative run that has none trains one on first use
+(`trained_runs.ensure_trained`).
 """
 from __future__ import annotations
-
-import hashlib
-import os
 
 import jax
 import numpy as np
 
 from multimodal import config_lib, sharding, trainer
 from multimodal.evaluators import common
-
-
-def cache_workdir(config, cache_root: str, name: str) -> str:
-  """`cache_root/name-<hash of the config>`: a changed config trains anew."""
-  digest = hashlib.sha256(config_lib.to_json(config).encode()).hexdigest()[:12]
-  return os.path.join(cache_root, f"{name}-{digest}")
-
-
-def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
-                   shapes_world: dict | None) -> str:
-  """The workdir of a finished run of `config_spec`, training it if needed.
-
-  The recognizer reads the same data (data_dir, shapes-world settings) as
-  the run that asks for it, so it is trained on the same world it judges.
-  """
-  from multimodal import tasks  # Deferred: tasks import the evaluators.
-  config = config_lib.load_config_file(config_spec)
-  with config.unlocked():
-    config.input.data_dir = data_dir
-    if shapes_world is not None:
-      config.input.shapes_world = dict(shapes_world)
-  config_lib.validate(config)
-  name = os.path.splitext(os.path.basename(config_spec.partition(":")[0]))[0]
-  workdir = cache_workdir(config, cache_root, name)
-  if not os.path.exists(os.path.join(workdir, "results.json")):
-    print(f"Training the recognizer {config_spec} into {workdir} (once; later "
-          "runs reuse it).")
-    trainer.train(tasks.get(config.task)(config), config, workdir)
-  return workdir
 
 
 class Recognizer:

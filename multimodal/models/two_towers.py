@@ -22,6 +22,13 @@ def l2_normalize(x, eps: float = 1e-8):
   return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 
+def text_tower(text: dict, out_dim: int, dtype: Dtype = jnp.float32) -> TextTransformer:
+  """The text tower of TwoTowers(text=text, out_dim=out_dim), alone: its
+  params are TwoTowers' "txt" subtree (used to condition other models)."""
+  return TextTransformer(**{"head_zeroinit": False, "dtype": dtype, **text,
+                            "num_classes": out_dim})
+
+
 class TwoTowers(nn.Module):
   """Image tower (ViT) + text tower (TextTransformer) with a shared space.
 
@@ -48,8 +55,7 @@ class TwoTowers(nn.Module):
   def setup(self):
     self.img = ViT(**{"head_zeroinit": False, "dtype": self.dtype, **self.image,
                       "num_classes": self.out_dim})
-    self.txt = TextTransformer(**{"head_zeroinit": False, "dtype": self.dtype, **self.text,
-                                  "num_classes": self.out_dim})
+    self.txt = text_tower(self.text, self.out_dim, self.dtype)
     self.t_log = self.param(
         "t_log", layers.partitioned(nn.initializers.constant(math.log(self.temperature_init)), ()),
         (), jnp.float32)

@@ -1,37 +1,56 @@
-"""Class-conditional diffusion with a DiT denoiser: the trainer's third family.
+"""Diffusion with a DiT denoiser, conditioned on a class or on text.
 
 Training draws one timestep and one noise per example and minimises the
 DiT objective (`diffusion/losses.py`); evaluators sample with the (EMA)
-params the trainer passes and measure the held-out denoising loss.
+params the trainer passes, measure the held-out denoising loss, and score
+samples with an independent recognizer.
+
+`config.model.conditioning`:
+  "class": a label table (DiT's class-conditional model).
+  "text":  the frozen text tower of a CLIP/SigLIP run of this codebase
+           (`config.model.text_encoder`): its pooled embedding goes into adaLN,
+           and with `config.model.cross_attention` every block also attends
+           to its token sequence. The tower's weights live in the params
+           under "text_encoder" and `config.freeze` keeps them fixed.
+Either way, a sampler is asked for (shape, colour) class ids; in text mode
+they become the prompts "a {colour} {shape}".
 """
 from __future__ import annotations
 
 import os
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import config_lib, sharding
+from multimodal import config_lib, sharding, trained_runs
 from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
 from multimodal.evaluators import generation, recognizer as recognizer_lib
 from multimodal.importers import diffusers_dit, diffusers_vae
 from multimodal.models import dit
-from multimodal.tasks import base
+from multimodal.tasks import base, text_encoder
 
 
 class DiffusionTask(base.Task):
-  """config.model: DiT fields (variant, num_classes, learn_sigma, ...);
-  config.diffusion: beta_schedule, num_timesteps, prediction."""
+  """config.model: DiT fields (variant, num_classes, learn_sigma, ...) and
+  the conditioning; config.diffusion: beta_schedule, num_timesteps, prediction."""
 
   def __init__(self, config):
     super().__init__(config)
     m = config.model
     self.imported = self._import_diffusers_dit()
+    self.text_encoder = self._text_encoder()
+    text = {}
+    if self.text_encoder is not None:
+      text = dict(text_dim=self.text_encoder.out_dim,
+                  cross_attention=m.get("cross_attention", False),
+                  text_token_dim=self.text_encoder.width)
     self.model = dit.DiT(
-        variant=m.variant, num_classes=m.num_classes,
-        class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+        variant=m.variant, num_classes=m.num_classes if self.text_encoder is None else None,
+        class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma, **text,
         t_freq_shift=(self.imported[0]["t_freq_shift"] if self.imported
                       else m.get("t_freq_shift", 0.0)),
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
@@ -43,6 +62,23 @@ class DiffusionTask(base.Task):
     vae_dir = config.get("vae", {}).get("from_diffusers")
     self.codec = (diffusers_vae.load_codec(vae_dir, config.vae.get("scale_factor"))
                   if vae_dir else None)
+
+  def _text_encoder(self):
+    conditioning = self.config.model.get("conditioning", "class")
+    if conditioning == "class":
+      return None
+    if conditioning != "text":
+      raise config_lib.ConfigError(
+          f"config.model.conditioning={conditioning!r}; use 'class' or 'text'.")
+    freeze = self.config.get("freeze") or ""
+    if not re.fullmatch(freeze, f"{text_encoder.PARAMS_KEY}/Encoder_0/kernel"):
+      raise config_lib.ConfigError(
+          f"text conditioning needs the text encoder frozen: set "
+          f"--config.freeze='{text_encoder.PARAMS_KEY}/.*' (it is {freeze!r}).")
+    workdir = text_encoder.resolve_workdir(
+        self.config.model.text_encoder, self.source.data_dir,
+        self.config.input.get("data_dir"), self.config.input.get("shapes_world"))
+    return text_encoder.FrozenTextEncoder(workdir)
 
   def _import_diffusers_dit(self):
     """(kwargs, params) of `config.init.from_diffusers`, checked against
@@ -64,9 +100,14 @@ class DiffusionTask(base.Task):
     return kwargs, params
 
   def pretrained_params(self):
-    if self.imported is None:
-      return []
-    return [(f"the diffusers DiT in {self.config.init.from_diffusers}", self.imported[1])]
+    result = []
+    if self.imported is not None:
+      result.append((f"the diffusers DiT in {self.config.init.from_diffusers}",
+                     self.imported[1]))
+    if self.text_encoder is not None:
+      result.append((f"the text tower of the CLIP run {self.text_encoder.workdir}",
+                     {text_encoder.PARAMS_KEY: self.text_encoder.weights()}))
+    return result
 
   @property
   def image_shape(self):
@@ -90,10 +131,58 @@ class DiffusionTask(base.Task):
     return (shapes_world.SHAPES.index(shapes[0]) * len(shapes_world.COLOURS)
             + shapes_world.COLOURS.index(colours[0]))
 
+  def condition_for_labels(self, labels: np.ndarray) -> np.ndarray:
+    """What the sampler takes for (shape, colour) class ids: the ids
+    themselves, or in text mode the tokens of "a {colour} {shape}"."""
+    labels = np.asarray(labels, np.int32)
+    if self.text_encoder is None:
+      return labels
+    n = len(shapes_world.COLOURS)
+    return self.text_encoder.tokenize(
+        [f"a {shapes_world.COLOURS[k % n]} {shapes_world.SHAPES[k // n]}" for k in labels])
+
+  def condition_for_prompt(self, prompt: str, n: int) -> np.ndarray:
+    """n copies of a prompt's condition: any text in text mode; in class
+    mode the prompt must name one shape and one colour."""
+    if self.text_encoder is None:
+      return np.full((n,), self.label_from_prompt(prompt), np.int32)
+    return self.text_encoder.tokenize([prompt] * n)
+
+  def _condition_kwargs(self, params, condition) -> dict:
+    """DiT keyword inputs for a batch's condition (labels or tokens)."""
+    if self.text_encoder is None:
+      return {"y": condition}
+    frozen = jax.lax.stop_gradient(params[text_encoder.PARAMS_KEY])
+    pooled, tokens, mask = self.text_encoder(frozen, condition)
+    kwargs = {"text_emb": pooled}
+    if self.model.cross_attention:
+      kwargs.update(text_tokens=tokens, text_mask=mask)
+    return kwargs
+
+  @staticmethod
+  def _dit_params(params):
+    return {k: v for k, v in params.items() if k != text_encoder.PARAMS_KEY}
+
+  @property
+  def condition_key(self) -> str:
+    return "label" if self.text_encoder is None else "tokens"
+
   # --- the trainer's interface -------------------------------------------
 
+  @property
+  def num_labels(self) -> int:
+    """How many class ids samplers can be asked for: the label table's, or
+    in text mode the shapes world's (shape, colour) prompts."""
+    if self.text_encoder is None:
+      return self.model.num_classes
+    return len(shapes_world.SHAPES) * len(shapes_world.COLOURS)
+
+  def _pp(self, spec: str):
+    tokenizer = self.text_encoder.tokenizer if self.text_encoder is not None else None
+    return preprocess.build(spec, tokenizer=tokenizer)
+
   def train_pp(self):
-    return preprocess.build(self.config.input.pp)
+    return self._pp(self.config.input.pp)
 
   def train_filter(self):
     if self.config.input.get("single_object_only"):
@@ -103,10 +192,16 @@ class DiffusionTask(base.Task):
   def init(self, rng):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32)
-    params_rng, dropout_rng = jax.random.split(rng)
-    return self.model.init({"params": params_rng, "dropout": dropout_rng},
-                           x, t, y)["params"]
+    params_rng, dropout_rng, text_rng = jax.random.split(rng, 3)
+    if self.text_encoder is None:
+      return self.model.init({"params": params_rng, "dropout": dropout_rng},
+                             x, t, jnp.zeros((1,), jnp.int32))["params"]
+    encoder = self.text_encoder.init(text_rng)
+    tokens = jnp.zeros((1, self.text_encoder.max_len), jnp.int32)
+    kwargs = self._condition_kwargs({text_encoder.PARAMS_KEY: nn.unbox(encoder)}, tokens)
+    params = self.model.init({"params": params_rng, "dropout": dropout_rng}, x, t,
+                             **kwargs)["params"]
+    return {**params, text_encoder.PARAMS_KEY: encoder}
 
   def _losses(self, params, batch, rng, *, train):
     t_rng, noise_rng, drop_rng, vae_rng = jax.random.split(rng, 4)
@@ -116,9 +211,11 @@ class DiffusionTask(base.Task):
     t = jax.random.randint(t_rng, (x0.shape[0],), 0, self.num_timesteps)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
 
+    condition = self._condition_kwargs(params, batch[self.condition_key])
+
     def model_fn(x_t, timesteps):
-      return self.model.apply({"params": params}, x_t, timesteps, batch["label"],
-                              train=train, rngs={"dropout": drop_rng})
+      return self.model.apply({"params": self._dit_params(params)}, x_t, timesteps,
+                              train=train, rngs={"dropout": drop_rng}, **condition)
     return losses.training_losses(
         self.schedule, model_fn, x0, t, noise, prediction=self.prediction,
         learn_sigma=self.model.learn_sigma)
@@ -129,17 +226,24 @@ class DiffusionTask(base.Task):
 
   def sampler(self, mesh, *, steps: int, cfg_scale: float, sampler: str = "ddim",
               eta: float = 0.0, seed: int = 0):
-    """A jitted (params, labels) -> images [N, H, W, 3] in [-1, 1]."""
+    """A jitted (params, condition) -> images [N, H, W, 3] in [-1, 1], for
+    conditions from `condition_for_labels` or `condition_for_prompt`."""
     use = schedules.space_timesteps(self.num_timesteps, steps)
     respaced, timestep_map = schedules.respace(self.schedule, use)
-    null = self.model.num_classes  # The label table's extra, unconditional row.
 
-    def sample(params, labels):
-      def doubled(x, t):  # Conditional half, then unconditional half.
-        y = jnp.concatenate([labels, jnp.full_like(labels, null)])
-        return self.model.apply({"params": params}, x, t, y)
+    def sample(params, condition):
+      n = condition.shape[0]
+      # Conditional half, then the same condition dropped to null: the
+      # unconditional half, exactly as label dropout trained it.
+      doubled_condition = self._condition_kwargs(
+          params, jnp.concatenate([condition, condition]))
+      drop = jnp.concatenate([jnp.zeros((n,), jnp.int32), jnp.ones((n,), jnp.int32)])
+
+      def doubled(x, t):
+        return self.model.apply({"params": self._dit_params(params)}, x, t,
+                                force_drop_ids=drop, **doubled_condition)
       model_fn = samplers.cfg_model_fn(doubled, cfg_scale)
-      shape = (labels.shape[0], *self.image_shape)
+      shape = (n, *self.image_shape)
       kwargs = dict(timestep_map=timestep_map, prediction=self.prediction,
                     learn_sigma=self.model.learn_sigma, clip_denoised=True)
       key = jax.random.key(seed)
@@ -158,15 +262,17 @@ class DiffusionTask(base.Task):
     result = []
     for name, cfg in sorted(self.config.evals.items()):
       if cfg.type == "samples":
-        labels = np.arange(self.model.num_classes, dtype=np.int32)[:cfg.get("num", 64)]
+        labels = np.arange(self.num_labels, dtype=np.int32)[:cfg.get("num", 64)]
+        sample = self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                              sampler=cfg.get("sampler", "ddim"))
         result.append(generation.SampleGrid(
             name=name, labels=labels, cols=cfg.get("cols", 8), output_dir=workdir,
-            sample=self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
-                                sampler=cfg.get("sampler", "ddim"))))
+            sample=lambda params, labels, sample=sample: sample(
+                params, self.condition_for_labels(labels))))
       elif cfg.type == "denoising_loss":
         filter_fn = self.train_filter()
         batches = self.eval_batches(
-            mesh, split=cfg.split, pp_fn=preprocess.build(cfg.pp), filter_fn=filter_fn,
+            mesh, split=cfg.split, pp_fn=self._pp(cfg.pp), filter_fn=filter_fn,
             batch_size=cfg.get("batch_size", self.config.input.batch_size))
         # A fixed key: every evaluation sees the same timesteps and noise.
         loss = jax.jit(lambda params, batch: self._losses(
@@ -182,7 +288,7 @@ class DiffusionTask(base.Task):
 
   def _quality_evaluator(self, name, cfg, mesh):
     """Conditional accuracy and FID under a shape-and-colour recognizer."""
-    workdir = cfg.get("recognizer_workdir") or recognizer_lib.ensure_trained(
+    workdir = cfg.get("recognizer_workdir") or trained_runs.ensure_trained(
         cfg.recognizer, cache_root=os.path.join(self.source.data_dir, "recognizers"),
         data_dir=self.config.input.get("data_dir"),
         shapes_world=self.config.input.get("shapes_world"))
@@ -191,7 +297,7 @@ class DiffusionTask(base.Task):
       raise ValueError(f"config.evals.{name}: the recognizer in {workdir} has heads "
                        f"{recognizer.heads}; scoring (shape, colour) classes needs "
                        "heads 'shape' and 'colour' (configs/shapes_classifier.py).")
-    labels = np.arange(self.model.num_classes, dtype=np.int32)
+    labels = np.arange(self.num_labels, dtype=np.int32)
     num_colours = len(shapes_world.COLOURS)
     novel = tuple(shapes_world.SHAPES.index(s) * num_colours + shapes_world.COLOURS.index(c)
                   for s, c in shapes_world.NOVEL_PAIRS)
@@ -205,4 +311,5 @@ class DiffusionTask(base.Task):
             filter_fn=pipeline.is_single_object, batch_size=batch_size),
         sample=self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
                             sampler=cfg.get("sampler", "ddim")),
-        put=lambda x: jax.device_put(x, sharding.batch_sharding(mesh)))
+        put=lambda labels: jax.device_put(self.condition_for_labels(labels),
+                                          sharding.batch_sharding(mesh)))

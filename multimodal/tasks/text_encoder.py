@@ -1,0 +1,70 @@
+"""The frozen text tower of a CLIP/SigLIP run, as a conditioning signal.
+
+A text-conditioned model (the DiT) keeps these weights inside its own params
+under "text_encoder" (so they are checkpointed and sharded like everything
+else) and freezes them with `config.freeze`; this class builds the tower,
+tokenizes prompts with the run's own tokenizer, loads the run's weights, and
+encodes tokens into what the DiT reads: the pooled contrastive embedding
+(for adaLN) and the token sequence (for cross-attention).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multimodal import config_lib, sharding, trained_runs, trainer
+from multimodal.models import two_towers
+
+PARAMS_KEY = "text_encoder"
+
+
+class FrozenTextEncoder:
+  """`encoder(params, tokens) -> (pooled [B, out_dim], tokens [B, L, width], mask [B, L])`."""
+
+  def __init__(self, workdir: str):
+    from multimodal.tasks import clip  # Deferred: a task module imports this one.
+    self.workdir = workdir
+    self.config = config_lib.load_workdir_config(workdir)
+    if self.config.task != "clip":
+      raise config_lib.ConfigError(
+          f"the text encoder run {workdir} is a '{self.config.task}' run; it must "
+          "be a CLIP or SigLIP run (task 'clip'), e.g. configs/clip_shapes.py.")
+    self.clip_task = clip.ContrastiveTask(self.config)
+    self.tokenizer = self.clip_task.tokenizer
+    self.max_len = self.clip_task.max_len
+    self.module = two_towers.text_tower(self.clip_task.model.text,
+                                        self.clip_task.model.out_dim)
+    self.out_dim = self.clip_task.model.out_dim
+    self.width = self.module._config()["width"]
+
+  def init(self, rng):
+    """Boxed params of the tower's shapes (real values come from `weights`)."""
+    return self.module.init(rng, jnp.zeros((1, self.max_len), jnp.int32))["params"]
+
+  def weights(self) -> dict:
+    """The run's trained text tower (its EMA when it kept one), on host."""
+    mesh = sharding.make_mesh({"data": -1})
+    state = trainer.restore_latest(self.clip_task, self.config, self.workdir, mesh)
+    return jax.device_get(trainer.eval_params(state)["txt"])
+
+  def tokenize(self, texts) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(list(texts), self.max_len), np.int32)
+
+  def __call__(self, params, tokens):
+    z, aux = self.module.apply({"params": params}, tokens)
+    valid = tokens != self.tokenizer.pad_id
+    return two_towers.l2_normalize(z), aux["encoded"], valid
+
+
+def resolve_workdir(text_config, data_dir: str, run_data_dir: str | None,
+                    shapes_world: dict | None) -> str:
+  """`text_config.workdir`, or a cached run of `text_config.config` trained on
+  first use (as the recognizer is)."""
+  if text_config.get("workdir"):
+    return text_config.workdir
+  return trained_runs.ensure_trained(
+      text_config.config, cache_root=os.path.join(data_dir, "text_encoders"),
+      data_dir=run_data_dir, shapes_world=shapes_world)

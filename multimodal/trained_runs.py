@@ -1,0 +1,45 @@
+"""Runs of this codebase that other runs need, trained on demand and cached.
+
+A DiT run scores its samples with a recognizer and may condition on a CLIP
+text tower; both are ordinary runs of this codebase. `ensure_trained` makes
+them cost the user nothing: the first run that needs one trains it into a
+cache directory beside the data, keyed by the full config (a changed config
+trains anew), later runs reuse it, and a run interrupted half-way resumes
+from its checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from multimodal import config_lib, trainer
+
+
+def cache_workdir(config, cache_root: str, name: str) -> str:
+  """`cache_root/name-<hash of the config>`: a changed config trains anew."""
+  digest = hashlib.sha256(config_lib.to_json(config).encode()).hexdigest()[:12]
+  return os.path.join(cache_root, f"{name}-{digest}")
+
+
+def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
+                   shapes_world: dict | None) -> str:
+  """The workdir of a finished run of `config_spec`, training it if needed.
+
+  The run reads the same data (data_dir, shapes-world settings) as the run
+  that asks for it: a recognizer is trained on the world it judges, a text
+  encoder on the captions it will encode.
+  """
+  from multimodal import tasks  # Deferred: tasks import this module.
+  config = config_lib.load_config_file(config_spec)
+  with config.unlocked():
+    config.input.data_dir = data_dir
+    if shapes_world is not None:
+      config.input.shapes_world = dict(shapes_world)
+  config_lib.validate(config)
+  name = os.path.splitext(os.path.basename(config_spec.partition(":")[0]))[0]
+  workdir = cache_workdir(config, cache_root, name)
+  if not os.path.exists(os.path.join(workdir, "results.json")):
+    print(f"Training {config_spec} into {workdir}, which this run needs (once; "
+          "later runs reuse it).")
+    trainer.train(tasks.get(config.task)(config), config, workdir)
+  return workdir

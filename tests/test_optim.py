@@ -1,0 +1,40 @@
+"""The optimizer a config describes: weight-decay mask and frozen params."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_dict
+
+from multimodal import optim
+
+
+def config(**overrides):
+  return config_dict.ConfigDict(dict(
+      lr=0.1, wd=0.5, wd_mask=r".*/kernel", grad_clip_norm=None,
+      schedule=dict(warmup_steps=0, decay_type="constant"), **overrides))
+
+
+PARAMS = {"encoder": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}},
+          "head": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+
+
+def test_frozen_params_get_no_update_no_decay_and_no_optimizer_state():
+  tx, _ = optim.make_optimizer(config(freeze=r"encoder/.*"), PARAMS, 10)
+  state = tx.init(PARAMS)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, state, PARAMS)
+  for leaf in jax.tree.leaves(updates["encoder"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+  # Adam's first step is -lr * sign(g); decoupled decay adds -lr * wd * p on
+  # kernels only.
+  np.testing.assert_allclose(updates["head"]["bias"], -0.1, rtol=1e-5)
+  np.testing.assert_allclose(updates["head"]["kernel"], -0.1 - 0.1 * 0.5, rtol=1e-5)
+  # Adam moments exist for the trained params only.
+  moment_leaves = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) > 0]
+  assert sum(x.size for x in moment_leaves) == 2 * (4 + 2)
+
+
+def test_without_freeze_every_param_trains():
+  tx, _ = optim.make_optimizer(config(), PARAMS, 10)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  assert all(float(jnp.abs(u).min()) > 0 for u in jax.tree.leaves(updates))
