@@ -16,7 +16,8 @@ from multimodal.data import shapes_world
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="mu/4", steps=1500, res=32, batch=64)
+  arg = config_lib.parse_arg(arg, variant="mu/4", steps=1500, res=32, batch=64,
+                             crop=False)
   c = config_dict.ConfigDict()
   c.task = "classify"
   c.seed = 0
@@ -35,7 +36,9 @@ def get_config(arg=None):
   c.input.batch_size = arg.batch
   c.input.shuffle_buffer = 10_000
   c.input.image_size = arg.res
-  image_pp = f"decode|resize({arg.res})|value_range(-1,1)"
+  # crop: object-centred crops, the images configs/dit_shapes.py generates.
+  crop = "|crop_to_object(margin=0.25)" if arg.crop else ""
+  image_pp = f"decode{crop}|resize({arg.res})|value_range(-1,1)"
   label_pp = ('|object_label("shape", outkey="shape")'
               '|object_label("colour", outkey="colour")'
               '|keep("image", "shape", "colour")')

@@ -151,6 +151,29 @@ def test_crops():
   assert len({c.tobytes() for c in crops}) > 1
 
 
+def test_crop_to_object_centres_a_square_on_the_box_inside_the_image():
+  img = image(40, 60)
+  # An object at rows 10..20, cols 30..36 (normalised yxyx box).
+  box = [10 / 40, 30 / 60, 20 / 40, 36 / 60]
+  objects = {"bbox": tf.constant([box, [0, 0, 1, 1]], tf.float32)}
+  out = run("crop_to_object(margin=0.5)", {"image": img, "objects": objects})["image"]
+  # Side = longer side 10 x (1 + 2 x 0.5) = 20, centred on (15, 33).
+  np.testing.assert_array_equal(out, img[5:25, 23:43])
+  # Near the border the window shifts inside (a 4 x 6 px box: side 12, which
+  # centred on (2, 3) would start above and left of the image); a huge
+  # margin is capped at the shorter side.
+  corner = {"bbox": tf.constant([[0.0, 0.0, 0.1, 0.1]], tf.float32)}
+  out = run("crop_to_object(margin=0.5)", {"image": img, "objects": corner})["image"]
+  np.testing.assert_array_equal(out, img[0:12, 0:12])
+  out = run("crop_to_object(margin=50)", {"image": img, "objects": corner})["image"]
+  np.testing.assert_array_equal(out, img[0:40, 0:40])
+  # The second object.
+  out = run("crop_to_object(margin=0, index=1)", {"image": img, "objects": objects})["image"]
+  assert out.shape == (40, 40, 3)
+  with pytest.raises(ValueError, match="margin"):
+    pp.build("crop_to_object(margin=-1)")
+
+
 def test_value_range_endpoints_exact():
   x = tf.constant([[[0, 255, 51]]], tf.uint8)
   out = run("value_range(-1, 1)", {"image": x})["image"]

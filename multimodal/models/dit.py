@@ -64,6 +64,7 @@ Dtype = Any
 # sizes 2/4/8 give DiT's twelve models, e.g. "XL/2".
 VARIANTS: dict[str, tuple[int, int, int]] = {
     "mu": (64, 2, 2),       # unit tests / CPU smoke runs
+    "nano": (128, 4, 4),    # CPU demos (the shapes world); as ViT's nano
     "S": (384, 12, 6),
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
