@@ -74,7 +74,7 @@ def assert_logically_partitioned(params):
     nn.logical_to_mesh_axes(leaf.names, rules)
 
 
-TINY_RECOGNIZER = "configs/shapes_classifier.py:variant=mu/8,steps=60,res=32,batch=32"
+TINY_RECOGNIZER = "configs/shapes_classifier.py:variant=mu/8,steps=60,res=32,batch=32,crop=True"
 
 
 @pytest.fixture(scope="session")
