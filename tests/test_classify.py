@@ -80,16 +80,19 @@ def test_recognizer_is_trained_once_and_then_reused(recognizer_workdir, data_dir
 
 
 def test_recognizer_names_colours_of_real_images_at_any_resolution(recognizer_workdir):
-  from multimodal.data import shapes_world
+  from multimodal.data import preprocess, shapes_world
   mesh = sharding.make_mesh({"data": -1})
   model = recognizer.Recognizer(recognizer_workdir, mesh)
   assert model.heads == ["colour", "shape"]
+  # The tiny recognizer learnt object-centred crops (crop=True), so render
+  # scenes and crop them the same way, but keep them at 64 px.
+  crop = preprocess.build("crop_to_object(margin=0.25)|resize(64)|value_range(-1,1)")
   rng = np.random.default_rng(0)
   images, colours = [], []
   for colour in shapes_world.COLOURS:
     objects = [dict(shape="square", colour=colour, size="large", position="center")]
-    image, _ = shapes_world.render(objects, rng, 64)
-    images.append(np.asarray(image, np.float32) / 127.5 - 1)
+    image, boxes = shapes_world.render(objects, rng, 64)
+    images.append(crop({"image": image, "objects": {"bbox": boxes}})["image"].numpy())
     colours.append(shapes_world.COLOURS.index(colour))
   # 64 px in, resized to the recognizer's 32 px.
   predictions, features = model.predict(np.stack(images))

@@ -44,14 +44,20 @@ ACTIVATION_AXES = ("batch", "length", "embed", "mlp", "heads", "kv")
 
 RESIDUAL = ("batch", "length", "embed")
 
+# flax's LayerNorm default, which every model here was built and trained with.
+# Imported checkpoints pass their own (HF CLIP: 1e-5, SigLIP: 1e-6).
+LN_EPS = 1e-6
+
 
 def partitioned(init, axes):
   """Short alias: wrap an initializer with logical axis names."""
   return nn.with_logical_partitioning(init, axes)
 
 
-def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32,
+               eps: float = LN_EPS) -> nn.LayerNorm:
   return nn.LayerNorm(
+      epsilon=eps,
       dtype=dtype,
       param_dtype=jnp.float32,
       scale_init=partitioned(nn.initializers.ones, ("embed",)),
@@ -60,11 +66,14 @@ def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerN
   )
 
 
-def head_dense(features: int, zero_init: bool, dtype: Dtype, name: str = "head") -> nn.Dense:
-  """Final classifier/projection Dense (see module docstring for its axes)."""
+def head_dense(features: int, zero_init: bool, dtype: Dtype, name: str = "head",
+               use_bias: bool = True) -> nn.Dense:
+  """Final classifier/projection Dense (see module docstring for its axes).
+  ``use_bias=False`` is for imported CLIP projections, which have none."""
   kinit = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
   return nn.Dense(
       features,
+      use_bias=use_bias,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=partitioned(kinit, ("embed", None)),
@@ -122,14 +131,43 @@ def key_padding_mask(valid: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
+# Activations.
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's sigmoid approximation of GELU; its checkpoints need it exactly."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by name. "gelu_tanh" (flax's default tanh approximation) is
+# what our own models use; the others exist so imported checkpoints compute
+# what they were trained with (HF "gelu" is the exact erf form, "quick_gelu" is
+# OpenAI CLIP's). quick_gelu differs from GELU by up to 2e-2 and exact from
+# tanh GELU by up to 5e-4: both show above a 1e-4 parity tolerance.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+# --------------------------------------------------------------------------
 # Blocks.
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dropout -> Dense (big_vision initialisation)."""
+  """Dense -> GELU -> Dropout -> Dense (big_vision initialisation).
+  ``activation`` names an entry of ACTIVATIONS."""
   mlp_dim: int | None = None  # Defaults to 4 * input width.
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -141,7 +179,7 @@ class MlpBlock(nn.Module):
                  kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
                  bias_init=partitioned(bias, ("mlp",)), name="Dense_0")(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    x = nn.gelu(x)
+    x = activation(self.activation)(x)
     x = nn.Dropout(self.dropout)(x, deterministic)
     x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
@@ -199,17 +237,20 @@ class EncoderBlock(nn.Module):
   num_heads: int = 12
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  mlp_activation: str = "gelu_tanh"
+  norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    y = layer_norm("LayerNorm_0", self.dtype)(x)
+    y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     y = Attention(self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(
         y, mask=mask)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = nn.with_logical_constraint(x + y, RESIDUAL)
 
-    y = layer_norm("LayerNorm_1", self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)
+    y = layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.mlp_activation,
+                 name="MlpBlock_0")(y, deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic)
     return nn.with_logical_constraint(x + y, RESIDUAL)
 
@@ -228,6 +269,8 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  mlp_activation: str = "gelu_tanh"
+  norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -238,16 +281,20 @@ class Encoder(nn.Module):
     blocks = {}
     for i in range(self.depth):
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                    self.mlp_activation, self.norm_eps,
                     name=f"encoderblock_{i}")(x, mask, deterministic)
       blocks[f"block{i:02d}"] = x
-    return layer_norm("encoder_norm", self.dtype)(x), blocks
+    return layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), blocks
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe attends over the tokens."""
+  """Multihead attention pooling: a learned probe attends over the tokens
+  (the same computation as HF's SiglipMultiheadAttentionPoolingHead)."""
   mlp_dim: int | None = None
   num_heads: int = 12
   dtype: Dtype = jnp.float32
+  mlp_activation: str = "gelu_tanh"
+  norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -257,6 +304,7 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe.astype(self.dtype), [n, 1, 1])
     x = Attention(self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(
         probe, x, mask=mask)
-    y = layer_norm("LayerNorm_0", self.dtype)(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+    y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.mlp_activation,
+                     name="MlpBlock_0")(y)
     return x[:, 0]

@@ -50,6 +50,14 @@ class TextTransformer(nn.Module):
   ``out`` is ``head(pooled)`` of size num_classes when num_classes is set,
   else the pooled (B, width) features. ``aux``: "encoded" (B, L, width, after
   the final LN), "pooled" (B, width), "blocks" (per-block outputs).
+
+  For imported checkpoints: ``head_bias=False`` drops the head's bias (CLIP's
+  text_projection has none), ``mlp_activation`` names a layers.ACTIVATIONS
+  entry, ``norm_eps`` is every LayerNorm's epsilon. HF CLIP is causal=True,
+  pool="eos" (or "argmax") and SigLIP pool="last", both with pad_id=None:
+  CLIP's causal mask already hides the pads after the EOS, SigLIP was trained
+  attending to its pads, and both published tokenizers pad with the eos id,
+  which a pad mask would hide from attention.
   """
   vocab_size: int
   num_classes: int | None = None
@@ -67,6 +75,9 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  head_bias: bool = True
+  mlp_activation: str = "gelu_tanh"
+  norm_eps: float = layers.LN_EPS
 
   def _config(self) -> dict:
     cfg = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
@@ -104,7 +115,8 @@ class TextTransformer(nn.Module):
 
     x, blocks = layers.Encoder(
         depth=cfg["depth"], mlp_dim=cfg["mlp_dim"], num_heads=cfg["num_heads"],
-        dropout=self.dropout, remat=self.remat, dtype=self.dtype, name="Encoder_0",
+        dropout=self.dropout, remat=self.remat, dtype=self.dtype,
+        mlp_activation=self.mlp_activation, norm_eps=self.norm_eps, name="Encoder_0",
     )(x, mask, deterministic=not train)
     aux = {"encoded": x, "blocks": blocks}
 
@@ -118,5 +130,6 @@ class TextTransformer(nn.Module):
 
     out = pooled
     if self.num_classes:
-      out = layers.head_dense(self.num_classes, self.head_zeroinit, self.dtype)(pooled)
+      out = layers.head_dense(self.num_classes, self.head_zeroinit, self.dtype,
+                              use_bias=self.head_bias)(pooled)
     return out, aux

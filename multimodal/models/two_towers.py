@@ -22,11 +22,29 @@ def l2_normalize(x, eps: float = 1e-8):
   return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 
+def tower_kwargs(tower: dict, out_dim: int, dtype: Dtype) -> dict:
+  """A tower dict -> the tower module's kwargs. The dict key "projection"
+  (default True) says whether the tower ends in a Dense "head" to out_dim;
+  False is for towers whose pooled features already are the embedding (HF
+  SigLIP's image tower, whose MAP head output is compared directly)."""
+  tower = dict(tower)
+  projection = tower.pop("projection", True)
+  return {"head_zeroinit": False, "dtype": dtype, **tower,
+          "num_classes": out_dim if projection else None}
+
+
+def _check_unprojected(module, out_dim: int, which: str) -> None:
+  if module.num_classes is None and module._config()["width"] != out_dim:
+    raise ValueError(f"the {which} tower has projection=False, so its width "
+                     f"{module._config()['width']} must equal out_dim={out_dim}.")
+
+
 def text_tower(text: dict, out_dim: int, dtype: Dtype = jnp.float32) -> TextTransformer:
   """The text tower of TwoTowers(text=text, out_dim=out_dim), alone: its
   params are TwoTowers' "txt" subtree (used to condition other models)."""
-  return TextTransformer(**{"head_zeroinit": False, "dtype": dtype, **text,
-                            "num_classes": out_dim})
+  tower = TextTransformer(**tower_kwargs(text, out_dim, dtype))
+  _check_unprojected(tower, out_dim, "text")
+  return tower
 
 
 class TwoTowers(nn.Module):
@@ -34,7 +52,9 @@ class TwoTowers(nn.Module):
 
   Each tower is built with ``num_classes=out_dim`` so it ends in a Dense
   projection named "head" (params under "img/head" and "txt/head"; the heads
-  are never zero-initialised, which would give zero embeddings).
+  are never zero-initialised, which would give zero embeddings), unless its
+  dict sets ``"projection": False``: then its pooled features (width must be
+  out_dim) are the embedding and it has no head (HF SigLIP's image tower).
   ``dtype`` is the compute dtype passed to both towers unless their dicts set one.
 
   ``t_log`` stores log of the temperature *multiplier* (logits = t * z_i.z_t);
@@ -53,8 +73,8 @@ class TwoTowers(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.img = ViT(**{"head_zeroinit": False, "dtype": self.dtype, **self.image,
-                      "num_classes": self.out_dim})
+    self.img = ViT(**tower_kwargs(self.image, self.out_dim, self.dtype))
+    _check_unprojected(self.img, self.out_dim, "image")
     self.txt = text_tower(self.text, self.out_dim, self.dtype)
     self.t_log = self.param(
         "t_log", layers.partitioned(nn.initializers.constant(math.log(self.temperature_init)), ()),

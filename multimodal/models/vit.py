@@ -62,6 +62,15 @@ class ViT(nn.Module):
   "encoded" (B, N, width: final-LN patch tokens, no cls), "pre_logits" and
   "blocks" ({"block00": (B, N, width), ...}, patch tokens only, before the
   final LN). N = number of patches.
+
+  Options that exist for imported checkpoints (defaults = our own models):
+  ``pre_norm`` adds a LayerNorm ("norm_pre") after the position embeddings,
+  before the encoder (OpenAI CLIP's ln_pre); ``patch_bias=False`` drops the
+  patch conv's bias and ``head_bias=False`` the head's (CLIP has neither);
+  ``mlp_activation`` names a layers.ACTIVATIONS entry and ``norm_eps`` is the
+  epsilon of every LayerNorm in the tower. The encoder's final LN is applied
+  per token before pooling, so for pool_type="tok" it equals CLIP's
+  post_layernorm of the cls token, and for "map" SigLIP's post_layernorm.
   """
   num_classes: int | None = None
   variant: str | None = None
@@ -77,6 +86,11 @@ class ViT(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  pre_norm: bool = False
+  patch_bias: bool = True
+  head_bias: bool = True
+  mlp_activation: str = "gelu_tanh"
+  norm_eps: float = layers.LN_EPS
 
   def _config(self) -> dict:
     cfg = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
@@ -96,8 +110,8 @@ class ViT(nn.Module):
     aux = {}
 
     if self.stem == "patch":
-      x = nn.Conv(width, ps, strides=ps, padding="VALID", dtype=self.dtype,
-                  param_dtype=jnp.float32,
+      x = nn.Conv(width, ps, strides=ps, padding="VALID", use_bias=self.patch_bias,
+                  dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                  (None, None, None, "embed")),
                   bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
@@ -118,12 +132,15 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), [n, 1, 1]), x], axis=1)
     if self.posemb == "learn":
       x = x + layers.learned_posemb(self, x.shape[1], c, dtype=self.dtype)
+    if self.pre_norm:
+      x = layers.layer_norm("norm_pre", self.dtype, self.norm_eps)(x)
     x = nn.with_logical_constraint(x, layers.RESIDUAL)
     x = nn.Dropout(self.dropout)(x, not train)
 
     x, blocks = layers.Encoder(
         depth=cfg["depth"], mlp_dim=cfg["mlp_dim"], num_heads=cfg["num_heads"],
-        dropout=self.dropout, remat=self.remat, dtype=self.dtype, name="Transformer",
+        dropout=self.dropout, remat=self.remat, dtype=self.dtype,
+        mlp_activation=self.mlp_activation, norm_eps=self.norm_eps, name="Transformer",
     )(x, deterministic=not train)
     # Drop the cls token so every tap is a clean (B, N, width) patch grid.
     ntok = x.shape[1] - num_patches
@@ -137,11 +154,13 @@ class ViT(nn.Module):
       x = jnp.mean(x, axis=1)
     elif self.pool_type == "map":
       x = layers.MAPHead(mlp_dim=cfg["mlp_dim"], num_heads=cfg["num_heads"], dtype=self.dtype,
+                         mlp_activation=self.mlp_activation, norm_eps=self.norm_eps,
                          name="MAPHead_0")(x)
     aux["pre_logits"] = x
 
     if self.num_classes:
-      x = layers.head_dense(self.num_classes, self.head_zeroinit, self.dtype)(x)
+      x = layers.head_dense(self.num_classes, self.head_zeroinit, self.dtype,
+                            use_bias=self.head_bias)(x)
       aux["logits"] = x
     return x, aux
 
