@@ -78,6 +78,7 @@ def get_config(arg=None):
   c.init.from_diffusers = config_dict.placeholder(str)  # e.g. /weights/DiT-XL-2-256/transformer
 
   c.model = config_dict.ConfigDict()
+  c.model.conditioning = "class"
   c.model.variant = arg.variant
   c.model.num_classes = 1000
   c.model.class_dropout_prob = 0.1  # Trains the unconditional half of CFG.
@@ -94,6 +95,7 @@ def get_config(arg=None):
   # DiT trains in fp32 (its train.py has no autocast; the paper's runs are
   # TF32 at most). "bfloat16" roughly halves the step time on TPU/GPU, but
   # then the result is no longer the paper's recipe.
+  c.freeze = config_dict.placeholder(str)  # Nothing frozen (a regex over param paths).
   c.compute_dtype = "float32"
   c.lr = 1e-4
   c.wd = 0.0
