@@ -14,26 +14,17 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from multimodal import optim
+
 
 class PretrainedMismatchError(ValueError):
   """Pretrained weights do not fit the model the config builds."""
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
-
-
 def check_fits(params: Mapping, pretrained: Mapping, what: str) -> None:
   """Raises PretrainedMismatchError naming unknown and mis-shaped paths."""
-  target = _flatten(params)
-  given = _flatten(pretrained)
+  target = optim.param_paths(params)
+  given = optim.param_paths(pretrained)
   unknown = sorted(set(given) - set(target))
   misshaped = sorted(f"{p}: {tuple(np.shape(given[p]))} vs the model's "
                      f"{tuple(np.shape(target[p]))}" for p in given

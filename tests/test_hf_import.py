@@ -20,11 +20,11 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from conftest import assert_logically_partitioned  # noqa: E402
+from parity import TOL, assert_parity, perturb_, rel_err  # noqa: E402
 from multimodal.importers import hf_clip, hf_tokenizer, safetensors_io as io  # noqa: E402
 from multimodal.importers.safetensors_io import WeightImportError  # noqa: E402
 from multimodal.models import two_towers  # noqa: E402
 
-TOL = 1e-4  # Max relative error, float32.
 
 _TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=2, max_position_embeddings=16, bos_token_id=4)
@@ -50,29 +50,6 @@ CONFIGS = {
                          eos_token_id=1, pad_token_id=1),
         vision_config=_VISION)),
 }
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def assert_parity(ours, ref, what):
-  """||ours - ref|| / ||ref|| <= TOL, and every element within TOL * max|ref|."""
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-  err = rel_err(ours, ref)
-  print(f"{what}: relative error {err:.2e}")
-  assert err <= TOL, (what, err)
-  np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL * np.abs(ref).max(), err_msg=what)
-
-
-def perturb_(module, scale=0.05, seed=0):
-  """Adds N(0, scale) noise to every parameter, in place."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def make_hf(name):
