@@ -56,12 +56,8 @@ IGNORED = ("pos_embed.pos_embed",)
 
 
 def _require(cfg: dict, field: str, ok, want: str, default=None):
-  value = cfg.get(field, default)
-  if not ok(value):
-    raise WeightImportError(
-        f"diffusers DiT config field {field}={value!r} is not supported: dit.DiT needs "
-        f"{field} {want}.")
-  return value
+  return io.require_field(cfg, field, ok, want, default, source="diffusers DiT",
+                          target="dit.DiT")
 
 
 def dit_kwargs_from_config(cfg: dict) -> dict:

@@ -30,12 +30,8 @@ LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn"
 
 
 def _field(cfg: dict, field: str, ok, want: str, default=None):
-  value = cfg.get(field, default)
-  if not ok(value):
-    raise WeightImportError(
-        f"diffusers AutoencoderKL config field {field}={value!r} is not supported: "
-        f"vae.AutoencoderKL needs {field} {want}.")
-  return value
+  return io.require_field(cfg, field, ok, want, default, source="diffusers AutoencoderKL",
+                          target="vae.AutoencoderKL")
 
 
 def vae_kwargs_from_config(cfg: dict) -> dict:

@@ -33,6 +33,18 @@ class WeightImportError(ValueError):
   """Pretrained weights cannot be imported; the message says which file and why."""
 
 
+def require_field(cfg: dict, field: str, ok, want: str, default=None, *,
+                  source: str, target: str):
+  """cfg[field] (or `default` when missing) if `ok` accepts it; otherwise a
+  WeightImportError naming the field, its value and what `target` needs."""
+  value = cfg.get(field, default)
+  if not ok(value):
+    raise WeightImportError(
+        f"{source} config field {field}={value!r} is not supported: {target} needs "
+        f"{field} {want}.")
+  return value
+
+
 # --------------------------------------------------------------------------
 # safetensors files.
 
