@@ -61,6 +61,15 @@ def test_parse_unknown_op_suggests_closest():
     ("resize((64, 0))", "width must be >= 1"),
     ("resize('big')", "size must be an int"),
     ("resize(64, method='fancy')", "method must be one of"),
+    ("resize_small(0)", "size must be >= 1"),
+    ("resize_small((64, 32))", "size must be an int"),
+    ("resize_small(64, method='cubic')", "method must be one of"),
+    ("resize_small(64, antialias=1)", "antialias must be a bool"),
+    ("normalize(0.5)", "missing a required argument: 'std'"),
+    ("normalize((0.5, 'a', 0.5), 1)", "mean[1] must be a number"),
+    ("normalize((), 1)", "mean must be a number or a non-empty sequence"),
+    ("normalize(0, (1, 0, 1))", "std must not contain 0"),
+    ("normalize(0, 1, key='')", "key must be a non-empty string"),
     ("value_range(1)", "missing a required argument: 'vmax'"),
     ("value_range('a', 1)", "vmin must be a number"),
     ("value_range(0, 1, in_min=3, in_max=3)", "must differ"),
@@ -92,8 +101,8 @@ def test_parse_bad_syntax(spec):
 def test_parse_does_no_tf_work():
   graph = tf.Graph()
   with graph.as_default():  # Any TF op created by parse would land here.
-    pp.parse("decode|resize(8)|central_crop(4)|random_crop(2)|value_range(0, 1)"
-             "|flip_lr|choice('c', 't')|tokenize(8)|object_label|copy('a', 'b')"
+    pp.parse("decode|resize(8)|resize_small(6)|central_crop(4)|random_crop(2)"
+             "|value_range(0, 1)|normalize((0.5, 0.4, 0.3), 0.2)|flip_lr|choice('c', 't')|tokenize(8)|object_label|copy('a', 'b')"
              "|rename(x='b')|drop('x')|keep('image')")
   assert graph.get_operations() == []
 
@@ -133,6 +142,58 @@ def test_resize_shape_and_dtype():
   flat = {"image": tf.fill([9, 9, 3], tf.constant(255, tf.uint8))}
   out = run("resize(4, method='bicubic')", flat)["image"]
   np.testing.assert_array_equal(out, 255)
+
+
+@pytest.mark.parametrize("hw, size, expected", [
+    ((10, 6), 4, (6, 4)),   # Portrait: the width becomes 4.
+    ((6, 10), 4, (4, 6)),   # Landscape: the height becomes 4.
+    ((9, 9), 4, (4, 4)),
+    ((7, 3), 2, (4, 2)),    # 2 * 7 / 3 = 4.67: truncated like HF, not rounded.
+    ((3, 7), 6, (6, 14)),   # Enlarging.
+    ((1000, 231), 224, (969, 224)),  # 969.7 -> 969.
+])
+def test_resize_small_shape(hw, size, expected):
+  out = run(f"resize_small({size})", {"image": tf.constant(image(*hw))})["image"]
+  assert out.shape == (*expected, 3) and out.dtype == np.uint8  # Keeps uint8.
+
+
+def test_resize_small_values_and_dtypes():
+  img = image(8, 12)
+  # Same as resize to the computed size, for uint8 and float input.
+  np.testing.assert_array_equal(
+      run("resize_small(4, method='bilinear')", {"image": tf.constant(img)})["image"],
+      run("resize((4, 6), method='bilinear')", {"image": tf.constant(img)})["image"])
+  out = run("value_range(0, 1)|resize_small(4)", {"image": tf.constant(img)})["image"]
+  assert out.shape == (4, 6, 3) and out.dtype == np.float32
+  # The shorter side already at size: bicubic leaves the image unchanged.
+  out = run("resize_small(8)", {"image": tf.constant(img)})["image"]
+  np.testing.assert_array_equal(out, img)
+  flat = {"image": tf.fill([9, 13, 3], tf.constant(255, tf.uint8))}
+  np.testing.assert_array_equal(run("resize_small(5)", flat)["image"], 255)
+
+
+def test_resize_small_in_tf_data_with_varying_shapes():
+  shapes = [(10, 6), (6, 10), (7, 3)]
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({"image": image(*hw, seed=i)} for i, hw in enumerate(shapes)),
+      output_signature={"image": tf.TensorSpec([None, None, 3], tf.uint8)})
+  outs = list(ds.map(pp.build("resize_small(4)|central_crop(4)")).as_numpy_iterator())
+  assert [o["image"].shape for o in outs] == [(4, 4, 3)] * 3
+
+
+def test_normalize_matches_numpy():
+  img = image(5, 7)
+  mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+  out = run(f"normalize({mean}, {std})", {"image": tf.constant(img)})["image"]
+  assert out.dtype == np.float32
+  expected = (img.astype(np.float32) - np.float32(mean)) / np.float32(std)
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  # Scalars apply to every channel; after value_range(0, 1) as in HF specs.
+  out = run("value_range(0, 1)|normalize(mean=0.5, std=0.5)",
+            {"image": tf.constant(img)})["image"]
+  np.testing.assert_allclose(out, img / 127.5 - 1, rtol=0, atol=1e-6)
+  with pytest.raises(pp.PreprocessError, match="mean has 3 values but 'image' has 1"):
+    pp.build("normalize((1, 2, 3), 1)")({"image": tf.zeros([2, 2, 1])})
 
 
 def test_crops():

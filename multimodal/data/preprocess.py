@@ -87,6 +87,36 @@ def _size(value) -> tuple[int, int]:
   return _int("size", value), _int("size", value)
 
 
+def _numbers(name: str, value) -> tuple[float, ...]:
+  """A number or a non-empty sequence of numbers (e.g. one per channel)."""
+  if isinstance(value, (tuple, list)):
+    if not value:
+      raise ValueError(f"{name} must be a number or a non-empty sequence, got {value!r}")
+    return tuple(_number(f"{name}[{i}]", v) for i, v in enumerate(value))
+  return (_number(name, value),)
+
+
+def _method(method) -> str:
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"method must be one of {RESIZE_METHODS}, got {method!r}")
+  return method
+
+
+def _bool(name: str, value) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+  return value
+
+
+def _resize_image(image: tf.Tensor, size, method: str, antialias: bool) -> tf.Tensor:
+  """tf.image.resize that keeps the dtype: an integer image is rounded and clipped."""
+  out = tf.image.resize(image, size, method=method, antialias=antialias)
+  if image.dtype.is_integer:
+    # Bilinear/bicubic overshoot the input range: round and clip, then cast.
+    out = tf.clip_by_value(tf.round(out), image.dtype.min, image.dtype.max)
+  return tf.cast(out, image.dtype)
+
+
 # --- Helpers for op closures (they run when tf.data traces the map function).
 
 def _get(example: Mapping, key: str):
@@ -139,23 +169,49 @@ def resize(size, key="image", method="bilinear", antialias=True) -> Op:
   """
   h, w = _size(size)
   _key("key", key)
-  if method not in RESIZE_METHODS:
-    raise ValueError(f"method must be one of {RESIZE_METHODS}, got {method!r}")
-  if not isinstance(antialias, bool):
-    raise TypeError(f"antialias must be a bool, got {antialias!r}")
+  _method(method)
+  _bool("antialias", antialias)
 
   def fn(example):
     image = _get(example, key)
-    out = tf.image.resize(image, (h, w), method=method, antialias=antialias)
-    if image.dtype.is_integer:
-      # Bilinear/bicubic overshoot the input range: round and clip, then cast.
-      out = tf.clip_by_value(tf.round(out), image.dtype.min, image.dtype.max)
-    return {**example, key: tf.cast(out, image.dtype)}
+    return {**example, key: _resize_image(image, (h, w), method, antialias)}
+  return fn
+
+
+def resize_small(size, key="image", method="bicubic", antialias=True) -> Op:
+  """Resizes so the shorter side is size, keeping the aspect ratio; keeps the dtype.
+
+  The longer side becomes floor(size * long / short), truncated exactly as
+  Hugging Face image processors do for size={"shortest_edge": size} (and
+  torchvision's Resize(int)); a square image becomes size x size. Like
+  resize, uint8 in -> uint8 out; antialias=True matches PIL, which always
+  filters over the whole footprint when shrinking.
+  """
+  size = _int("size", size)
+  _key("key", key)
+  _method(method)
+  _bool("antialias", antialias)
+
+  def fn(example):
+    image = _get(example, key)
+    shape = tf.shape(image, out_type=tf.int64)
+    h, w = shape[0], shape[1]
+    short = tf.minimum(h, w)
+    # Integer floor division is exact, and equals HF's int(size * long / short)
+    # in float64: that quotient is never within float error of an integer.
+    new_h = tf.where(h <= w, tf.constant(size, tf.int64), size * h // short)
+    new_w = tf.where(h <= w, size * w // short, tf.constant(size, tf.int64))
+    new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
+    return {**example, key: _resize_image(image, new_size, method, antialias)}
   return fn
 
 
 def central_crop(size, key="image") -> Op:
-  """Crops the central size (int or (h, w)) window; fails on smaller images."""
+  """Crops the central size (int or (h, w)) window; fails on smaller images.
+
+  The window starts at ((H - h) // 2, (W - w) // 2), the same pixels as HF's
+  center_crop; HF would zero-pad a too-small image where this op fails.
+  """
   h, w = _size(size)
   _key("key", key)
 
@@ -234,6 +290,31 @@ def value_range(vmin, vmax, in_min=0, in_max=255, key="image") -> Op:
     # Going through [0, 1] maps the endpoints exactly onto vmin and vmax.
     x = (x - in_min) / (in_max - in_min)
     return {**example, key: vmin + x * (vmax - vmin)}
+  return fn
+
+
+def normalize(mean, std, key="image") -> Op:
+  """Maps x to (x - mean) / std per channel, as float32 (HF image_mean/image_std).
+
+  mean and std are numbers or one number per channel (e.g. 3-tuples for RGB).
+  Follows value_range(0, 1) in specs for models normalised like CLIP.
+  """
+  mean_values, std_values = _numbers("mean", mean), _numbers("std", std)
+  if any(s == 0 for s in std_values):
+    raise ValueError(f"std must not contain 0, got {std!r}")
+  _key("key", key)
+
+  def fn(example):
+    x = tf.cast(_get(example, key), tf.float32)
+    channels = x.shape[-1]
+    for name, values in (("mean", mean_values), ("std", std_values)):
+      if len(values) > 1 and channels is not None and len(values) != channels:
+        raise PreprocessError(
+            f"normalize: {name} has {len(values)} values but {key!r} has "
+            f"{channels} channels (shape {x.shape})")
+    m = tf.constant(mean_values if len(mean_values) > 1 else mean_values[0], tf.float32)
+    s = tf.constant(std_values if len(std_values) > 1 else std_values[0], tf.float32)
+    return {**example, key: (x - m) / s}
   return fn
 
 
@@ -367,8 +448,8 @@ def copy(inkey, outkey) -> Op:
 
 # The op table: a spec's op names are exactly these function names.
 OPS: dict[str, Callable[..., Op]] = {f.__name__: f for f in (
-    decode, resize, central_crop, crop_to_object, random_crop, value_range, flip_lr, choice,
-    tokenize, object_label, object_pair_label, keep, drop, rename, copy)}
+    decode, resize, resize_small, central_crop, crop_to_object, random_crop, value_range,
+    normalize, flip_lr, choice, tokenize, object_label, object_pair_label, keep, drop, rename, copy)}
 
 
 def _user_signature(factory: Callable) -> inspect.Signature:

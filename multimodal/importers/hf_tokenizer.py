@@ -19,13 +19,12 @@ not every tokenizer.json has (and transformers' CLIPTokenizer replaces anyway).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from multimodal.importers.safetensors_io import WeightImportError
+from multimodal.importers.safetensors_io import WeightImportError, read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 # family -> (tokenizer_class names, default special tokens).
@@ -93,13 +92,8 @@ class HFTokenizer:
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise WeightImportError(f"{path} is not valid JSON ({e}).") from None
+  """The file's object, or {} when there is no such file (all are optional)."""
+  return read_json_object(path) if os.path.isfile(path) else {}
 
 
 def _token_str(value):

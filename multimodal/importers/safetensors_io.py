@@ -1,7 +1,8 @@
-"""Reading diffusers model directories into numpy, and checking converted trees.
+"""Reading diffusers / transformers model directories into numpy, and
+checking converted trees.
 
 Pretrained weights arrive as local files (no network, and no torch at run
-time): a diffusers model directory holds ``config.json`` and the weights as
+time): a model directory holds ``config.json`` and the weights as
 ``diffusion_pytorch_model.safetensors`` (or ``model.safetensors``, or shards
 listed in a ``*.safetensors.index.json``). Everything that can go wrong with
 such a directory raises ``WeightImportError`` naming the file and what to do,
@@ -104,7 +105,7 @@ def _read_with_bfloat16(path: str) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------
-# diffusers model directories.
+# Model directories, as diffusers' and transformers' save_pretrained write them.
 
 
 def read_config(directory: str) -> dict:
@@ -114,8 +115,13 @@ def read_config(directory: str) -> dict:
   if not os.path.isfile(path):
     hint = _pipeline_hint(directory)
     raise WeightImportError(
-        f"{path} does not exist: a diffusers model directory holds config.json "
-        f"next to its weights.{hint}")
+        f"{path} does not exist: a model directory (save_pretrained's output) "
+        f"holds config.json next to its weights.{hint}")
+  return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict:
+  """A JSON file holding an object (config.json and its siblings)."""
   try:
     with open(path) as f:
       cfg = json.load(f)
@@ -141,7 +147,7 @@ def weights_files(directory: str) -> list[str]:
   if any(p.endswith(".bin") for p in present):
     hint = (" It has only PyTorch pickle (.bin) weights, which are not read here "
             "(no torch at run time): re-save them as safetensors with "
-            "diffusers' model.save_pretrained(dir, safe_serialization=True).")
+            "model.save_pretrained(dir, safe_serialization=True).")
   elif any(p.endswith(".safetensors") for p in present):
     hint = (" It has other .safetensors files (a variant such as fp16?); rename "
             f"the one to use to {WEIGHT_NAMES[0]}.")
@@ -171,14 +177,14 @@ def read_state_dict(directory: str) -> dict[str, np.ndarray]:
 
 
 def read_model_dir(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config dict, state dict) of a diffusers model directory."""
+  """(config dict, state dict) of a diffusers or transformers model directory."""
   return read_config(directory), read_state_dict(directory)
 
 
 def _check_directory(directory: str) -> None:
   if not directory or not os.path.isdir(directory):
     raise WeightImportError(
-        f"diffusers model directory {directory!r} does not exist; point at a local "
+        f"model directory {directory!r} does not exist; point at a local "
         "directory written by save_pretrained (holding config.json and "
         f"{WEIGHT_NAMES[0]}).")
 
