@@ -1,18 +1,21 @@
-"""Where examples come from: a TFDS dataset (the shapes world is one) or
-TFRecord shards in img2dataset's layout. Every source yields raw examples with
-the image still encoded, so decoding happens in the pp chain where a corrupt
+"""Where examples come from: a TFDS dataset (the shapes world is one),
+TFRecord shards in img2dataset's layout, or plain files (`folder:PATH`,
+`captions:PATH`; see files.py). Every source yields raw examples with the
+image still encoded, so decoding happens in the pp chain where a corrupt
 record can be reported clearly.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
+from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from multimodal.data import errors
+from multimodal.data import errors, files as files_lib
 
 SHAPES_WORLD = "shapes_world"
 TFRECORD_PREFIX = "tfrecord:"
@@ -30,8 +33,12 @@ class Source:
   data_dir: str
   builder: tfds.core.DatasetBuilder | None = None
   files: tuple[str, ...] = ()
+  # For plain-file sources: split name (None: any) -> its Listing.
+  listing: Callable[[str | None], files_lib.Listing] | None = None
 
   def num_examples(self, split: str) -> int:
+    if self.listing is not None:
+      return len(self.listing(split))
     if self.builder is None:
       raise errors.DataError(
           f"{self.name} has no split sizes; give the duration as total_steps.")
@@ -39,7 +46,13 @@ class Source:
     return self.builder.info.splits[split].num_examples
 
   def class_names(self, feature_path: str) -> list[str]:
-    """Names of a ClassLabel feature, e.g. "objects/shape"."""
+    """Names of a ClassLabel feature, e.g. "objects/shape" (a folder
+    dataset has one: its class subfolders, whatever the path)."""
+    if self.listing is not None:
+      names = self.listing(None).class_names
+      if not names:
+        raise errors.DataError(f"{self.name} has captions, not class labels.")
+      return list(names)
     feature = self.builder.info.features
     for part in feature_path.split("/"):
       feature = feature[part]
@@ -49,6 +62,8 @@ class Source:
   def read(self, split: str, *, process_index: int = 0,
            process_count: int = 1) -> tf.data.Dataset:
     """This process's share of `split`, in a fixed order."""
+    if self.listing is not None:
+      return _listing_dataset(self.listing(split), process_index, process_count)
     if self.builder is None:
       files = self.files[process_index::process_count]
       if not files:
@@ -81,10 +96,58 @@ def _parse_img2dataset_record(record):
   return {"image": parsed["jpg"], "captions": tf.reshape(parsed["txt"], [1])}
 
 
+def _listing_dataset(listing: files_lib.Listing, process_index: int,
+                     process_count: int) -> tf.data.Dataset:
+  """Raw examples {image: bytes, file, label | captions} of a Listing.
+
+  Each process reads an equal contiguous share (the remainder is dropped, as
+  tfds.even_splits(drop_remainder=True) does for TFDS sources).
+  """
+  share = len(listing) // process_count
+  if share == 0:
+    raise errors.DataError(
+        f"{len(listing)} images cannot feed {process_count} processes.")
+  rows = slice(process_index * share, (process_index + 1) * share)
+  columns = {"file": list(listing.files[rows])}
+  if listing.labels:
+    columns["label"] = list(listing.labels[rows])
+  if listing.captions:
+    columns["captions"] = tf.ragged.constant(
+        [list(c) for c in listing.captions[rows]], dtype=tf.string)
+  ds = tf.data.Dataset.from_tensor_slices(columns)
+  return ds.map(lambda ex: {**ex, "image": tf.io.read_file(ex["file"])})
+
+
+def _folder_listing(root: str) -> Callable[[str | None], files_lib.Listing]:
+  """Class folders as image-text pairs too: each image's captions are its
+  class name in the 80 ImageNet prompt templates (one is drawn per step by
+  the pp's `choice`), so `folder:PATH` trains a CLIP as well as it evaluates."""
+  from multimodal.evaluators import templates  # Deferred: evaluators import data.
+
+  @functools.cache
+  def listing(split):
+    folder = files_lib.read_folder(root, split)
+    return dataclasses.replace(folder, captions=tuple(
+        tuple(t.format(folder.class_names[label]) for t in templates.get("imagenet"))
+        for label in folder.labels))
+  return listing
+
+
+def _captions_listing(path: str) -> Callable[[str | None], files_lib.Listing]:
+  return functools.cache(lambda split: files_lib.read_captions(path, split))
+
+
 def open_source(data: str, *, data_dir: str | None = None,
                 shapes_world: dict | None = None) -> Source:
   """Resolves `config.input.data` to a Source, preparing the shapes world."""
   data_dir = default_data_dir(data_dir)
+  for prefix, make_listing in ((files_lib.FOLDER_PREFIX, _folder_listing),
+                               (files_lib.CAPTIONS_PREFIX, _captions_listing)):
+    if data.startswith(prefix):
+      path = os.path.abspath(os.path.expanduser(data[len(prefix):]))
+      listing = make_listing(path)
+      listing(None)  # Fails now, with the reason, if the files are not there.
+      return Source(name=f"{prefix}{path}", data_dir=data_dir, listing=listing)
   if data.startswith(TFRECORD_PREFIX):
     pattern = os.path.expanduser(data[len(TFRECORD_PREFIX):])
     files = tuple(sorted(glob.glob(pattern)))
@@ -102,8 +165,9 @@ def open_source(data: str, *, data_dir: str | None = None,
     builder = tfds.builder(data, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for an unknown name.
     raise errors.DataError(
-        f"unknown dataset '{data}': {e}. Use 'shapes_world', a TFDS name, or "
-        "'tfrecord:/path/*.tfrecord'.") from None
+        f"unknown dataset '{data}': {e}. Use 'shapes_world', a TFDS name, "
+        "'tfrecord:/path/*.tfrecord', 'folder:/path' (class subfolders) or "
+        "'captions:/path/file.tsv' (image<TAB>caption lines).") from None
   if not builder.is_prepared():
     raise errors.DataError(
         f"dataset '{data}' is not prepared in data_dir '{data_dir}'. Nothing is "
