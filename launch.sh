@@ -4,6 +4,9 @@
 #
 #   ./launch.sh run  [CONFIG[:ARGS]] [--workdir DIR] [--config.KEY=VALUE ...]
 #   ./launch.sh eval --workdir DIR
+#   ./launch.sh eval (--workdir DIR | --hf PATH) --benchmarks cifar10,folder:PATH,captions:FILE [--tasks ...]
+#   ./launch.sh embed (--workdir DIR | --hf PATH) [--images FOLDER] [--texts FILE] --out FILE.npz
+#   ./launch.sh search --index FILE.npz (--text "a red circle" | --image PATH) [--k 5]
 #   ./launch.sh sample --workdir DIR --prompt "a red circle" [--n 16 --cfg 3.0 --steps 50 --sampler ddim]
 #   ./launch.sh test [PYTEST ARGS]
 set -euo pipefail
@@ -36,13 +39,17 @@ case "$cmd" in
     exec "$py" -m experiments.evaluate "$@" ;;
   sample)
     exec "$py" -m experiments.sample "$@" ;;
+  embed)
+    exec "$py" -m experiments.embed "$@" ;;
+  search)
+    exec "$py" -m experiments.search "$@" ;;
   test)
     # 8 simulated CPU devices so the sharding tests see a real mesh.
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
     exec "$py" -m pytest "$@" ;;
   -h|--help|help)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, test." >&2
+    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, embed, search, test." >&2
     exit 2 ;;
 esac

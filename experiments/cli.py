@@ -12,6 +12,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from experiments.common import fail
 from multimodal import config_lib
 
 DEFAULT_CONFIG = "configs/clip_shapes.py"
@@ -85,11 +86,6 @@ def _has_key(config, dotted: str) -> bool:
     except TypeError:
       return False
   return True
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def config_name() -> str:

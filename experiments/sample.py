@@ -10,6 +10,8 @@ import sys
 
 from absl import flags
 
+from experiments.common import fail
+
 WORKDIR = flags.DEFINE_string("workdir", None, "A DiT run written by `./launch.sh run`.")
 PROMPT = flags.DEFINE_string("prompt", None, 'What to draw, e.g. "a red circle".')
 N = flags.DEFINE_integer("n", 16, "How many samples.")
@@ -19,11 +21,6 @@ SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "The sampler.")
 ETA = flags.DEFINE_float("eta", 0.0, "DDIM's eta (0: deterministic).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
 OUT = flags.DEFINE_string("out", None, "PNG path (default: DIR/samples/<prompt>.png).")
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def main(argv: list[str]) -> None:

@@ -85,3 +85,27 @@ def recognizer_workdir(data_dir, tmp_path_factory):
   return trained_runs.ensure_trained(
       TINY_RECOGNIZER, cache_root=str(tmp_path_factory.mktemp("recognizers")),
       data_dir=data_dir, shapes_world=TINY_WORLD)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Full-size 64 px images (shape is not learnable from the 32 px tiny world's
+# 6 px objects in a test's budget), but few of them.
+E2E_WORLD = dict(image_size=64, train_examples=4_000, eval_examples=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_clip(data_dir, tmp_path_factory):
+  """A tiny CLIP trained through the command line (1800 steps, ~4 minutes),
+  once per session, for every slow test that needs a trained checkpoint:
+  (its workdir, the finished training process)."""
+  import subprocess
+  import sys
+  workdir = tmp_path_factory.mktemp("trained_clip") / "run"
+  world = [f"--config.input.shapes_world.{k}={v}" for k, v in E2E_WORLD.items()]
+  args = [sys.executable, "-m", "experiments.train",
+          "configs/clip_shapes.py:variant=mu/8,text_variant=mu,steps=1800,res=64,batch=64",
+          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
+          "--config.input.tokenizer.vocab_size=128", "--config.ckpt_steps=600", *world]
+  run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return workdir, run

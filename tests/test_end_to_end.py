@@ -10,24 +10,12 @@ import sys
 
 import pytest
 
-# Full-size 64 px images (shape is not learnable from the 32 px tiny world's
-# 6 px objects in a test's budget), but few of them.
-E2E_WORLD = dict(image_size=64, train_examples=4_000, eval_examples=300, seed=0)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import E2E_WORLD, ROOT
 
 
 @pytest.mark.slow
-def test_tiny_clip_learns_shapes_zero_shot(data_dir, tmp_path):
-  workdir = tmp_path / "run"
-  world = ",".join(f"--config.input.shapes_world.{k}={v}" for k, v in E2E_WORLD.items())
-  args = [sys.executable, "-m", "experiments.train",
-          "configs/clip_shapes.py:variant=mu/8,text_variant=mu,steps=1800,res=64,batch=64",
-          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
-          "--config.input.tokenizer.vocab_size=128", "--config.ckpt_steps=600",
-          *world.split(",")]
-  run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-  assert run.returncode == 0, run.stderr[-3000:]
+def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
+  workdir, run = trained_clip
   assert "zero_shot_shape" in run.stdout  # The printed results table.
   for name in ("config.json", "metrics.jsonl", "results.json"):
     assert (workdir / name).exists(), name

@@ -20,48 +20,11 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from conftest import assert_logically_partitioned  # noqa: E402
-from parity import TOL, assert_parity, perturb_, rel_err  # noqa: E402
+from hf_models import CONFIGS, make_hf, train_bpe  # noqa: E402
+from parity import TOL, assert_parity, rel_err  # noqa: E402
 from multimodal.importers import hf_clip, hf_tokenizer, safetensors_io as io  # noqa: E402
 from multimodal.importers.safetensors_io import WeightImportError  # noqa: E402
 from multimodal.models import two_towers  # noqa: E402
-
-
-_TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=2, max_position_embeddings=16, bos_token_id=4)
-_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               image_size=32, patch_size=8)
-CONFIGS = {
-    # OpenAI-style: quick_gelu, first-EOS pooling, pads = the EOS id.
-    "clip_quick_gelu": ("clip", dict(
-        text_config=dict(_TEXT, eos_token_id=3, pad_token_id=3),
-        vision_config=_VISION, projection_dim=24)),
-    # Exact GELU, other eps/widths/heads, a 3x3 patch grid, and the legacy
-    # eos_token_id=2 that makes HF pool at argmax(input_ids).
-    "clip_gelu_legacy_eos": ("clip", dict(
-        text_config=dict(_TEXT, hidden_size=48, num_attention_heads=3, hidden_act="gelu",
-                         layer_norm_eps=1e-6, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(_VISION, hidden_size=40, num_attention_heads=5, hidden_act="gelu",
-                           layer_norm_eps=1e-6, image_size=24),
-        projection_dim=16, logit_scale_init_value=3.0)),
-    # MAP head (packed in_proj), no image projection, text head with bias
-    # from width 48 to the vision width 32, last-position pooling.
-    "siglip_map": ("siglip", dict(
-        text_config=dict(_TEXT, hidden_size=48, num_attention_heads=3, projection_size=32,
-                         eos_token_id=1, pad_token_id=1),
-        vision_config=_VISION)),
-}
-
-
-def make_hf(name):
-  model_type, cfg = CONFIGS[name]
-  torch.manual_seed(0)
-  if model_type == "clip":
-    model = transformers.CLIPModel(transformers.CLIPConfig(**cfg))
-  else:
-    model = transformers.SiglipModel(transformers.SiglipConfig(**cfg))
-  model = model.eval().float()
-  perturb_(model)
-  return model
 
 
 def text_inputs(name, rng):
@@ -367,22 +330,6 @@ def test_unprojected_tower_width_must_be_out_dim():
 
 # ====================================================================== tokenizer
 
-WORDS = ("a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of")
-
-
-def _train_bpe(special: list[str], clip_style: bool):
-  """A tiny BPE trained on WORDS, special tokens first (ids 0, 1, ...);
-  clip_style marks word ends with "</w>" as CLIP's vocabulary does."""
-  from tokenizers import models, normalizers, pre_tokenizers, trainers
-  suffix = {"end_of_word_suffix": "</w>"} if clip_style else {}
-  tok = tokenizers.Tokenizer(models.BPE(**suffix))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=special, **suffix)
-  tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
-  return tok
-
-
 TEXTS = ["a red circle", "The blue square on the left of a red circle",
          "a red circle on the right of the blue square of a blue circle on the left", ""]
 
@@ -390,7 +337,7 @@ TEXTS = ["a red circle", "The blue square on the left of a red circle",
 def test_clip_tokenizer_matches_transformers(tmp_path):
   """transformers' own CLIPTokenizer (its RobertaProcessing bos/eos rule)
   with padding="max_length" and truncation, saved and read back by us."""
-  bpe = json.loads(_train_bpe(["<|startoftext|>", "<|endoftext|>"], True).to_str())
+  bpe = json.loads(train_bpe(["<|startoftext|>", "<|endoftext|>"], True).to_str())
   vocab, merges = bpe["model"]["vocab"], bpe["model"]["merges"]
   merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
   hf = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
@@ -409,7 +356,7 @@ def test_siglip_tokenizer_layout(tmp_path):
   """SigLIP: tokens + eos, pad (= eos) to max_len, content truncated first;
   the same as transformers' fast tokenizer with SigLIP's "$A </s>" template."""
   from tokenizers import processors
-  tok = _train_bpe(["<pad>", "</s>", "<unk>"], False)
+  tok = train_bpe(["<pad>", "</s>", "<unk>"], False)
   tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "SiglipTokenizer", "eos_token": "</s>", "pad_token": "</s>",
@@ -434,7 +381,7 @@ def test_tokenizer_errors(tmp_path):
   with pytest.raises(WeightImportError, match="tokenizer.json does not exist.*spiece.model"):
     (tmp_path / "spiece.model").write_bytes(b"")
     hf_tokenizer.load_hf_tokenizer(str(tmp_path))
-  _train_bpe(["<pad>", "</s>"], False).save(str(tmp_path / "tokenizer.json"))
+  train_bpe(["<pad>", "</s>"], False).save(str(tmp_path / "tokenizer.json"))
   with pytest.raises(WeightImportError, match="pass family="):
     hf_tokenizer.load_hf_tokenizer(str(tmp_path))
   with pytest.raises(WeightImportError, match="bos_token '<\\|startoftext\\|>' is not in"):

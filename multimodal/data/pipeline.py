@@ -81,6 +81,38 @@ def eval_dataset(source: Source, *, split: str, pp_fn: Callable,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def indexed_eval_dataset(ds: tf.data.Dataset, *, pp_fn: Callable,
+                         local_batch_size: int, num_examples: int | None = None,
+                         process_index: int = 0,
+                         process_count: int = 1) -> tf.data.Dataset:
+  """Like eval_dataset, from a whole split that every process reads, each
+  example tagged with `_index`, its position in the split.
+
+  Every process enumerates the same stream and preprocesses only its own
+  rows (round robin), so gathered results are put back in split order by
+  `_index`: what embeddings aligned with host-side data (file paths,
+  captions) need, on any number of hosts. With several processes,
+  `num_examples` (the split's size) must be given: every process then yields
+  the same number of batches, padding with fully masked ones, as the
+  collective that assembles a global batch requires.
+  """
+  ds = ds.enumerate().shard(process_count, process_index)
+  ds = ds.map(lambda index, ex: {**pp_fn(ex), "_index": tf.cast(index, tf.int32), "_mask": tf.constant(True)},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=False)
+  ds = ds.map(lambda batch: _pad_batch(batch, local_batch_size))
+  if process_count > 1:
+    if num_examples is None:
+      raise ValueError("indexed_eval_dataset: several processes need num_examples.")
+    per_process = -(-num_examples // process_count)
+    num_batches = max(1, -(-per_process // local_batch_size))
+    empty = tf.nest.map_structure(
+        lambda spec: tf.zeros([local_batch_size, *spec.shape[1:]], spec.dtype),
+        ds.element_spec)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def _pad_batch(batch, size):
   def pad(x):
     missing = size - tf.shape(x)[0]

@@ -1,0 +1,1 @@
+"""The zero-shot benchmark suite: encoders, datasets, tasks and result files."""
