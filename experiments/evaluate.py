@@ -70,10 +70,11 @@ def run_benchmarks() -> None:
       print(f"{name}: skipped; it is a {bench.kind} dataset, which supports "
             f"{', '.join(suite.TASKS_OF_KIND[bench.kind])}.")
     split = SPLIT.value or bench.test_split
+    memo = {}  # This dataset's embedded splits, shared by its tasks.
     for task in tasks:
       metrics, timings = suite.RUNNERS[task](
           encoder, bench, split=split, batch_size=BATCH_SIZE.value,
-          cache_dir=cache_dir, templates=templates)
+          cache_dir=cache_dir, templates=templates, memo=memo)
       for timing in timings:
         print(timing.line(f"{name} {task}"))
       records.append(results.record(name, encoder.model, encoder.pretrained, task, metrics))

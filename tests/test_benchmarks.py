@@ -202,3 +202,30 @@ def test_result_files_follow_clip_benchmark_schema(tmp_path):
   table = open(paths["markdown"]).read()
   assert "| cifar10 | clip-B/16 | 0.5000 | 0.9000 | 0.5000 |" in table
   assert "**linear_probe**" in table
+
+
+def test_linear_probe_reuses_the_test_embeddings(encoder, tfds_dir):
+  from multimodal.evaluators import linear_probe
+  bench = datasets.resolve("tiny_classes", data_dir=tfds_dir)
+  memo = {}
+  suite.zeroshot_classification(encoder, bench, split="test", batch_size=8,
+                                cache_dir=None, memo=memo)
+  got, timings = suite.run_linear_probe(encoder, bench, split="test", batch_size=8, memo=memo)
+  assert [t.examples for t in timings] == [30]  # Only the train split was embedded anew.
+  # The same as the probe on features computed without the pipeline.
+  builder = tfds.builder("tiny_classes", data_dir=tfds_dir)
+  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator()) for s in ("train", "test")}
+  x = {s: direct_embeddings(encoder, [e["image"] for e in ex]) for s, ex in splits.items()}
+  y = {s: np.array([e["label"] for e in ex]) for s, ex in splits.items()}
+  want = linear_probe.linear_probe(x["train"], y["train"], x["test"], y["test"], 3)
+  assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_linear_probe_needs_a_train_split(encoder, tmp_path):
+  from PIL import Image
+  for i, name in enumerate(NAMES):
+    (tmp_path / name).mkdir()
+    Image.fromarray(_image(i, i)).save(tmp_path / name / "0.png")
+  bench = datasets.resolve(f"folder:{tmp_path}")
+  with pytest.raises(errors.DataError, match="needs PATH/train/<class>/ and PATH/test"):
+    suite.run_linear_probe(encoder, bench, split=None, batch_size=8)

@@ -51,6 +51,10 @@ def embed_split(encoder: Encoder, ds: tf.data.Dataset, *, batch_size: int,
     out = pp(example)
     return {"image": out["image"], **{k: out[k] for k in keys}}
 
+  if jax.process_count() > 1 and num_examples is None:
+    # Every process must yield as many batches (see indexed_eval_dataset):
+    # count the raw records once, which decodes nothing.
+    num_examples = int(ds.reduce(np.int64(0), lambda count, _: count + 1))
   dp = sharding.data_parallel_size(encoder.mesh)
   batch_size = -(-batch_size // dp) * dp  # Whole rows per device.
   local = pipeline.indexed_eval_dataset(

@@ -37,6 +37,11 @@ def metric_columns(records: list[dict]) -> list[str]:
   return columns
 
 
+def _cell(value: float) -> str:
+  # Small non-zero values (a chosen weight decay) would print as 0.0000.
+  return f"{value:.0e}" if value and abs(value) < 1e-3 else f"{value:.4f}"
+
+
 def markdown(records: list[dict]) -> str:
   """One table per task, one row per (dataset, model), metrics as columns."""
   sections = []
@@ -47,7 +52,7 @@ def markdown(records: list[dict]) -> str:
              "| dataset | model | " + " | ".join(columns) + " |",
              "|---|---|" + "---:|" * len(columns)]
     for r in rows:
-      cells = [f"{r['metrics'][c]:.4f}" if c in r["metrics"] else "" for c in columns]
+      cells = [_cell(r["metrics"][c]) if c in r["metrics"] else "" for c in columns]
       lines.append(f"| {r['dataset']} | {r['model']} | " + " | ".join(cells) + " |")
     sections.append("\n".join(lines))
   return "\n\n".join(sections) + "\n"

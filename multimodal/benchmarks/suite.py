@@ -57,20 +57,31 @@ def text_classifier(encoder: Encoder, class_names, templates,
   return classifier
 
 
-def _features(encoder, bench, split, batch_size, what) -> tuple[dict, Timing]:
-  return embed_split(encoder, bench.read(split), batch_size=batch_size,
-                     num_examples=bench.num_examples(split), extra_pp=bench.label_pp,
-                     keys=("label",), what=what)
+def _features(encoder, bench, split, batch_size, memo: dict | None
+              ) -> tuple[dict, list[Timing]]:
+  """Labelled image embeddings of a split, reused through `memo` (one per
+  dataset) when zero-shot and the linear probe both need the test split."""
+  if memo is not None and split in memo:
+    return memo[split], []
+  out, timing = embed_split(encoder, bench.read(split), batch_size=batch_size,
+                            num_examples=bench.num_examples(split),
+                            extra_pp=bench.label_pp, keys=("label",),
+                            what=f"{bench.name}[{split}]")
+  if memo is not None:
+    memo[split] = out
+  return out, [timing]
 
 
 def zeroshot_classification(encoder: Encoder, bench: datasets.Benchmark, *,
                             split, batch_size: int, cache_dir: str | None,
-                            templates=None) -> tuple[dict, list[Timing]]:
-  out, timing = _features(encoder, bench, split, batch_size, f"{bench.name}[{split}]")
+                            templates=None, memo: dict | None = None, **unused
+                            ) -> tuple[dict, list[Timing]]:
+  del unused
+  out, timings = _features(encoder, bench, split, batch_size, memo)
   classifier = text_classifier(encoder, bench.class_names,
                                templates or bench.templates, cache_dir)
   return metrics.classification_metrics(out["embedding"] @ classifier.T,
-                                        out["label"]), [timing]
+                                        out["label"]), timings
 
 
 def zeroshot_retrieval(encoder: Encoder, bench: datasets.Benchmark, *, split,
@@ -97,21 +108,21 @@ def zeroshot_retrieval(encoder: Encoder, bench: datasets.Benchmark, *, split,
 
 
 def run_linear_probe(encoder: Encoder, bench: datasets.Benchmark, *, split,
-                     batch_size: int, **unused) -> tuple[dict, list[Timing]]:
+                     batch_size: int, memo: dict | None = None, **unused
+                     ) -> tuple[dict, list[Timing]]:
   del unused
   if not bench.has_split("train"):
     raise errors.DataError(
         f"{bench.name} has no 'train' split for the linear probe to fit on"
         + (" (a folder needs PATH/train/<class>/ and PATH/test/<class>/)."
            if bench.name.startswith("folder:") else "."))
-  train, t1 = _features(encoder, bench, "train", batch_size, f"{bench.name}[train]")
-  test, t2 = _features(encoder, bench, split, batch_size, f"{bench.name}[{split}]")
-  timings = [t1, t2]
+  train, timings = _features(encoder, bench, "train", batch_size, memo)
+  test, more = _features(encoder, bench, split, batch_size, memo)
+  timings += more
   val_x = val_y = None
   if bench.has_split("validation") and split != "validation":
-    val, t3 = _features(encoder, bench, "validation", batch_size,
-                        f"{bench.name}[validation]")
-    val_x, val_y, timings = val["embedding"], val["label"], timings + [t3]
+    val, more = _features(encoder, bench, "validation", batch_size, memo)
+    val_x, val_y, timings = val["embedding"], val["label"], timings + more
   result = linear_probe.linear_probe(
       train["embedding"], train["label"], test["embedding"], test["label"],
       len(bench.class_names), val_x=val_x, val_y=val_y)
