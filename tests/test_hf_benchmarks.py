@@ -1,7 +1,7 @@
-"""`eval --hf` and `embed --hf` on a local Hugging Face CLIP directory (model,
-tokenizer and preprocessor written by transformers, random weights): our
-JAX path from image files and strings to embeddings agrees with
-transformers' own processor + model."""
+"""`eval --hf` and `embed --hf` on local Hugging Face CLIP and SigLIP
+directories (model, tokenizer and image processor written by transformers,
+random weights): our JAX path from image files and strings to embeddings
+agrees with transformers' own processor + model."""
 import json
 import subprocess
 import sys
@@ -26,10 +26,9 @@ def picture(colour, i):
   return image.astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  """CLIP (quick_gelu) + its CLIPTokenizer + CLIPImageProcessor, as save_pretrained writes."""
-  path = tmp_path_factory.mktemp("hf_clip")
+def clip_dir(path):
+  """CLIP (quick_gelu) + its CLIPTokenizer + CLIPImageProcessor (shortest edge
+  and centre crop), as save_pretrained writes them."""
   bpe = json.loads(train_bpe(["<|startoftext|>", "<|endoftext|>"], True).to_str())
   merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
             for m in bpe["model"]["merges"]]
@@ -39,10 +38,35 @@ def hf_dir(tmp_path_factory):
   # The model's special ids are the tokenizer's: bos 0, eos = pad 1.
   text = dict(cfg["text_config"], bos_token_id=0, eos_token_id=1, pad_token_id=1)
   model = make_hf("clip_quick_gelu", text_config=text)
+  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32)
+  return model, tokenizer, processor
+
+
+def siglip_dir(path):
+  """SigLIP (MAP head) + a tokenizer laid out as SigLIP's ("$A </s>", pad =
+  eos) + SiglipImageProcessor (a fixed 32 x 32 resize, no crop)."""
+  from tokenizers import processors
+  tok = train_bpe(["<pad>", "</s>", "<unk>"], False)  # eos = pad = 1, as in CONFIGS.
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "SiglipTokenizer", "eos_token": "</s>", "pad_token": "</s>",
+       "unk_token": "<unk>"}))
+  tok.post_processor = processors.TemplateProcessing(
+      single="$A </s>", special_tokens=[("</s>", 1)])
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+  processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+  return make_hf("siglip_map"), tokenizer, processor
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def hf_dir(request, tmp_path_factory):
+  """(directory, model, tokenizer, processor) of a saved HF model."""
+  path = tmp_path_factory.mktemp(f"hf_{request.param}")
+  model, tokenizer, processor = {"clip": clip_dir, "siglip": siglip_dir}[request.param](path)
   model.save_pretrained(str(path))
-  transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32).save_pretrained(
-      str(path))
-  return path, model, tokenizer
+  processor.save_pretrained(str(path))
+  return path, model, tokenizer, processor
 
 
 @pytest.fixture(scope="module")
@@ -55,37 +79,43 @@ def image_folder(tmp_path_factory):
   return root
 
 
-def hf_image_embeddings(model, paths):
-  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32)
+def hf_image_embeddings(model, processor, paths):
   pixels = processor(images=[Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
   with torch.no_grad():
     z = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
   return z / np.linalg.norm(z, axis=1, keepdims=True)
 
 
+def hf_text_embeddings(model, tokenizer, texts):
+  """As each family's processor pads: CLIP with an attention mask, SigLIP
+  to max_length without one (see test_hf_import)."""
+  ids = tokenizer(texts, padding="max_length", truncation=True, max_length=16,
+                  return_tensors="pt")
+  if isinstance(model, transformers.SiglipModel):
+    ids = {"input_ids": ids["input_ids"]}
+  with torch.no_grad():
+    z = model.get_text_features(**ids).pooler_output.numpy()
+  return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
 def test_embeddings_match_transformers(hf_dir, image_folder):
-  path, model, tokenizer = hf_dir
+  path, model, tokenizer, processor = hf_dir
   encoder = encoders.from_hf(str(path))
-  assert encoder.image_pp.startswith('decode|resize_small(32, method="bicubic")|central_crop(32)')
   paths = index.image_files(str(image_folder))
   ours, _ = index.embed_images(encoder, paths, batch_size=8)
-  theirs = hf_image_embeddings(model, paths)
+  theirs = hf_image_embeddings(model, processor, paths)
   # PIL's and TF's bicubic resize differ by a level or two of uint8 (see
   # test_hf_preprocess); the embeddings stay within that.
   cosines = np.sum(ours * theirs, axis=1)
   assert cosines.min() > 0.999, cosines
-  ids = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=16,
-                  return_tensors="pt")
-  with torch.no_grad():
-    z = model.get_text_features(**ids).pooler_output.numpy()
-  z /= np.linalg.norm(z, axis=1, keepdims=True)
-  np.testing.assert_allclose(encoder.embed_texts(TEXTS), z, atol=1e-5)
+  np.testing.assert_allclose(encoder.embed_texts(TEXTS),
+                             hf_text_embeddings(model, tokenizer, TEXTS), atol=1e-5)
 
 
 def test_eval_hf_on_a_folder(hf_dir, image_folder, tmp_path):
   """The command line, and its zero-shot accuracy against the one computed
   from transformers' embeddings with the same prompts."""
-  path, model, tokenizer = hf_dir
+  path, model, tokenizer, processor = hf_dir
   out = tmp_path / "out"
   run = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate", f"--hf={path}",
@@ -95,15 +125,13 @@ def test_eval_hf_on_a_folder(hf_dir, image_folder, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   (record_path,) = out.glob("*.json")
   record = json.loads(record_path.read_text())
-  assert record["model"] == f"clip-{path.name}" and record["pretrained"] == f"hf:{path}"
+  assert record["model"] == f"{model.config.model_type}-{path.name}"
+  assert record["pretrained"] == f"hf:{path}"
   paths = index.image_files(str(image_folder))
   labels = np.repeat(np.arange(len(CLASSES)), 4)  # Sorted class folders, 4 each.
   names = sorted(n.replace("_", " ") for n in CLASSES)
-  ids = tokenizer([f"a photo of a {n}." for n in names], padding="max_length",
-                  truncation=True, max_length=16, return_tensors="pt")
-  with torch.no_grad():
-    classifier = model.get_text_features(**ids).pooler_output.numpy()
-  logits = hf_image_embeddings(model, paths) @ classifier.T
+  classifier = hf_text_embeddings(model, tokenizer, [f"a photo of a {n}." for n in names])
+  logits = hf_image_embeddings(model, processor, paths) @ classifier.T
   assert record["metrics"]["acc1"] == pytest.approx(np.mean(logits.argmax(1) == labels))
 
 
