@@ -8,6 +8,7 @@ import difflib
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 
@@ -90,6 +91,7 @@ def validate(config) -> None:
         preprocess.parse(value)
       except preprocess.PreprocessError as e:
         raise ConfigError(f"config.{path}: {e}") from None
+  check_lr_mults(config.get("lr_mults"))
   durations = [k for k in ("total_steps", "total_epochs", "total_examples")
                if config.get(k) is not None]
   if len(durations) != 1:
@@ -97,6 +99,21 @@ def validate(config) -> None:
         "give the training length as exactly one of total_steps, total_epochs "
         f"or total_examples; got {durations or 'none'}. E.g. "
         "--config.total_steps=1000 (set the others to None).")
+
+
+def check_lr_mults(lr_mults) -> None:
+  """`config.lr_mults`: (regex over param paths, multiplier >= 0) pairs."""
+  for rule in lr_mults or ():
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2
+            and isinstance(rule[0], str) and isinstance(rule[1], (int, float))
+            and rule[1] >= 0):
+      raise ConfigError(
+          "config.lr_mults entries are (regex, multiplier >= 0) pairs, e.g. "
+          f"(('llm/.*', 0.1),); got {rule!r}.")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ConfigError(f"config.lr_mults pattern {rule[0]!r} is not a regex: {e}.") from None
 
 
 def _walk(config, prefix=""):

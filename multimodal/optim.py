@@ -10,6 +10,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from multimodal import config_lib
+
 
 def param_paths(params) -> dict:
   """{'img/encoder/block00/mlp/Dense_0/kernel': leaf, ...}."""
@@ -47,12 +49,29 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
       "'cosine', 'linear', 'constant'.")
 
 
+def lr_multiplier_labels(params, lr_mults) -> dict:
+  """A pytree of labels "lr*<mult>": the multiplier of the first
+  (pattern, multiplier) pair of `lr_mults` whose regex matches a param's
+  '/'-joined path, 1.0 when none does (big_vision's `lr_mults`)."""
+  rules = [(re.compile(pattern), float(mult)) for pattern, mult in lr_mults]
+  flat = traverse_util.flatten_dict(params)
+  labels = {}
+  for key in flat:
+    path = "/".join(map(str, key))
+    mult = next((m for regex, m in rules if regex.fullmatch(path)), 1.0)
+    labels[key] = f"lr*{mult!r}"
+  return traverse_util.unflatten_dict(labels)
+
+
 def make_optimizer(config, params, total_steps: int):
   """Returns (optax transformation, learning-rate schedule).
 
   `config.freeze` (a regex over '/'-joined param paths, or None) names
   parameters that never change: they get no update, no weight decay and no
   optimizer state (e.g. a pretrained text encoder inside a DiT's params).
+  `config.lr_mults` ((regex, multiplier) pairs, first match wins) scales the
+  learning rate of parameter groups, e.g. (("llm/.*", 0.1),) tunes a
+  pretrained LM ten times more gently than a fresh projector.
   """
   schedule = learning_rate_schedule(config, total_steps)
   freeze = config.get("freeze")
@@ -77,5 +96,16 @@ def _trainable_optimizer(config, schedule):
   parts.append(optax.adamw(
       schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
       weight_decay=config.wd, mask=decay_mask))
+  lr_mults = config.get("lr_mults")
+  if lr_mults:
+    config_lib.check_lr_mults(lr_mults)
+    # AdamW's update is -lr * (adam step + wd * param): scaling it by a
+    # group's multiplier is that group running at lr * multiplier, weight
+    # decay included, as a PyTorch param group's lr would.
+    mults = {f"lr*{float(m)!r}": float(m) for _, m in lr_mults}
+    mults["lr*1.0"] = 1.0
+    parts.append(optax.multi_transform(
+        {label: optax.scale(m) for label, m in mults.items()},
+        lambda params: lr_multiplier_labels(params, lr_mults)))
   return optax.chain(*parts)
 

@@ -38,3 +38,26 @@ def test_without_freeze_every_param_trains():
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
   assert all(float(jnp.abs(u).min()) > 0 for u in jax.tree.leaves(updates))
+
+
+def test_lr_mults_scale_a_group_weight_decay_included():
+  """First match wins; under freeze too (the group rule then sees only the
+  trained subtree)."""
+  mults = (("head/kernel", 0.1), ("head/.*", 0.5))
+  for freeze in (None, r"encoder/dense/bias"):
+    tx, _ = optim.make_optimizer(config(lr_mults=mults, freeze=freeze), PARAMS, 10)
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(updates["head"]["kernel"], 0.1 * (-0.1 - 0.1 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(updates["head"]["bias"], 0.5 * -0.1, rtol=1e-5)
+    np.testing.assert_allclose(updates["encoder"]["dense"]["kernel"], -0.1 - 0.1 * 0.5,
+                               rtol=1e-5)
+    want_bias = 0.0 if freeze else -0.1
+    np.testing.assert_allclose(updates["encoder"]["dense"]["bias"], want_bias, atol=1e-6)
+
+
+def test_bad_lr_mults_are_named():
+  import pytest
+  for bad, match in ((("head/.*", 0.1), "pairs"), ((("head/[", 0.1),), "not a regex")):
+    with pytest.raises(ValueError, match=match):
+      optim.make_optimizer(config(lr_mults=bad), PARAMS, 10)
