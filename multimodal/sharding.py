@@ -26,6 +26,9 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    # Grouped-query key/value heads are few (1 for multi-query attention):
+    # replicated rather than split over a tensor axis they may not divide.
+    ("kv_heads", None),
     ("vocab", "tensor"),
     ("length", None),
     ("posemb", None),

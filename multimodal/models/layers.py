@@ -37,8 +37,9 @@ Dtype = Any
 
 # Parameter vocabulary the sharding rules table maps to mesh axes.
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "vocab", "patch", "posemb")
-# Names beyond LOGICAL_AXES used by these models (none at present).
-EXTRA_LOGICAL_AXES: tuple[str, ...] = ()
+# Names beyond LOGICAL_AXES used by these models: the key/value heads of
+# grouped-query attention (decoder.py), fewer than the query heads.
+EXTRA_LOGICAL_AXES: tuple[str, ...] = ("kv_heads",)
 # Activation-only names used in with_logical_constraint calls.
 ACTIVATION_AXES = ("batch", "length", "embed", "mlp", "heads", "kv")
 
