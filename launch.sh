@@ -7,6 +7,8 @@
 #   ./launch.sh eval (--workdir DIR | --hf PATH) --benchmarks cifar10,folder:PATH,captions:FILE [--tasks ...]
 #   ./launch.sh embed (--workdir DIR | --hf PATH) [--images FOLDER] [--texts FILE] --out FILE.npz
 #   ./launch.sh search --index FILE.npz (--text "a red circle" | --image PATH) [--k 5]
+#   ./launch.sh ask --workdir DIR --image PATH "what colour is the square?"   (PATH: a file or a folder)
+#   ./launch.sh caption --workdir DIR --image PATH
 #   ./launch.sh sample --workdir DIR --prompt "a red circle" [--n 16 --cfg 3.0 --steps 50 --sampler ddim]
 #   ./launch.sh test [PYTEST ARGS]
 set -euo pipefail
@@ -41,6 +43,10 @@ case "$cmd" in
     exec "$py" -m experiments.sample "$@" ;;
   embed)
     exec "$py" -m experiments.embed "$@" ;;
+  ask)
+    exec "$py" -m experiments.ask "$@" ;;
+  caption)
+    exec "$py" -m experiments.caption "$@" ;;
   search)
     exec "$py" -m experiments.search "$@" ;;
   test)
@@ -48,8 +54,8 @@ case "$cmd" in
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
     exec "$py" -m pytest "$@" ;;
   -h|--help|help)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, embed, search, test." >&2
+    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, embed, search, ask, caption, test." >&2
     exit 2 ;;
 esac

@@ -22,12 +22,14 @@ def cache_workdir(config, cache_root: str, name: str) -> str:
 
 
 def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
-                   shapes_world: dict | None) -> str:
+                   shapes_world: dict | None, overrides: dict | None = None) -> str:
   """The workdir of a finished run of `config_spec`, training it if needed.
 
   The run reads the same data (data_dir, shapes-world settings) as the run
   that asks for it: a recognizer is trained on the world it judges, a text
-  encoder on the captions it will encode.
+  encoder on the captions it will encode. `overrides` ({"dotted.key":
+  value}) are set on its config too (a VLM's earlier stages get its vision
+  tower).
   """
   from multimodal import tasks  # Deferred: tasks import this module.
   config = config_lib.load_config_file(config_spec)
@@ -35,6 +37,12 @@ def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
     config.input.data_dir = data_dir
     if shapes_world is not None:
       config.input.shapes_world = dict(shapes_world)
+    for key, value in (overrides or {}).items():
+      *parents, leaf = key.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
   config_lib.validate(config)
   name = os.path.splitext(os.path.basename(config_spec.partition(":")[0]))[0]
   workdir = cache_workdir(config, cache_root, name)

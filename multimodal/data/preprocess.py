@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 Op = Callable[[dict], dict]
@@ -408,6 +409,109 @@ def object_pair_label(first="shape", second="colour", num_second=8,
   return fn
 
 
+def vlm_task(mode="mix", p_caption=0.3, caption_prompt="caption",
+             outkey_prompt="prompt", outkey_answer="answer") -> Op:
+  """Picks a (prompt, answer) pair of strings for a vision-language model.
+
+  "caption": the prompt is `caption_prompt` and the answer one of the
+  example's captions; "vqa": one of its (question, answer) pairs; "mix": a
+  caption with probability p_caption, else a question. Random choices read
+  _seed; in an eval stream (whose seed is (0, example index)) they are a
+  fixed function of the example's index, so every eval sees the same pairs.
+  """
+  if mode not in ("mix", "caption", "vqa"):
+    raise ValueError(f"mode must be 'mix', 'caption' or 'vqa', got {mode!r}")
+  p_caption = _number("p_caption", p_caption)
+  _key("outkey_prompt", outkey_prompt)
+  _key("outkey_answer", outkey_answer)
+
+  def pick(values, seed):
+    index = tf.random.stateless_uniform([], seed, 0, tf.shape(values)[0], tf.int32)
+    return index
+
+  def fn(example):
+    seed = _seed(example)
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    captions = _get(example, "captions")
+    caption = captions[pick(captions, seeds[0])]
+    if mode == "caption":
+      prompt, answer = tf.constant(caption_prompt), caption
+    else:
+      questions, answers = _get(example, "questions"), _get(example, "answers")
+      i = pick(questions, seeds[1])
+      prompt, answer = questions[i], answers[i]
+      if mode == "mix":
+        use_caption = tf.random.stateless_uniform([], seeds[2]) < p_caption
+        prompt = tf.where(use_caption, tf.constant(caption_prompt), prompt)
+        answer = tf.where(use_caption, caption, answer)
+    return {**example, outkey_prompt: prompt, outkey_answer: answer}
+  return fn
+
+
+def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=None) -> Op:
+  """Lays out prompt + answer + EOS as int32 "text" [max_len] with PaliGemma's
+  masks: "mask_ar" (0 over the prompt, attended bidirectionally; 1 over the
+  answer and EOS, causal), "mask_loss" (1 where the token is a training
+  target: the answer and EOS) and "input_mask" (1 on real tokens). A long
+  answer is cut so that EOS always fits; the prompt keeps its tokens.
+  """
+  max_len = _int("max_len", max_len, minimum=2)
+  _key("prompt_key", prompt_key)
+  _key("answer_key", answer_key)
+
+  def layout(prompt, answer):
+    p_ids = tokenizer.encode([prompt], max_len)[0]
+    a_ids = tokenizer.encode([answer], max_len)[0]
+    # encode() ends each with EOS: drop it, then end the answer with one.
+    p_ids = p_ids[:np.argmax(p_ids == tokenizer.eos_id)][:max_len - 1]
+    a_ids = a_ids[:np.argmax(a_ids == tokenizer.eos_id)]
+    a_ids = np.concatenate([a_ids[:max_len - len(p_ids) - 1], [tokenizer.eos_id]])
+    ids = np.concatenate([p_ids, a_ids]).astype(np.int32)
+    n = len(ids)
+    out = np.full((4, max_len), 0, np.int32)
+    out[0, :n] = ids
+    out[0, n:] = tokenizer.pad_id
+    out[1, len(p_ids):n] = 1  # mask_ar
+    out[2, len(p_ids):n] = 1  # mask_loss
+    out[3, :n] = 1  # input_mask
+    return out
+
+  def fn(example):
+    if tokenizer is None:
+      raise PreprocessError("vlm_text needs build(spec, tokenizer=...)")
+    out = tf.numpy_function(
+        lambda p, a: layout(_as_str(p), _as_str(a)),
+        [_get(example, prompt_key), _get(example, answer_key)], tf.int32, stateful=False)
+    out.set_shape([4, max_len])
+    return {**example, "text": out[0], "mask_ar": out[1], "mask_loss": out[2],
+            "input_mask": out[3]}
+  return fn
+
+
+def _as_str(value) -> str:
+  """A tf.numpy_function string argument (bytes, or a 0-d array of bytes)."""
+  value = np.asarray(value).item()
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def object_attributes(max_objects=3, inkey="objects") -> Op:
+  """"colours" and "shapes": the objects' class ids as int32 [max_objects],
+  padded with -1 (for evaluators that check what a caption names)."""
+  max_objects = _int("max_objects", max_objects)
+  _key("inkey", inkey)
+
+  def fn(example):
+    objects = _get(example, inkey)
+    out = {}
+    for name, attribute in (("colours", "colour"), ("shapes", "shape")):
+      ids = tf.cast(_get(objects, attribute), tf.int32)[:max_objects]
+      padded = tf.pad(ids, [[0, max_objects - tf.shape(ids)[0]]], constant_values=-1)
+      padded.set_shape([max_objects])
+      out[name] = padded
+    return {**example, **out}
+  return fn
+
+
 def keep(*keys) -> Op:
   """Keeps only the listed keys (each must exist); all others, _seed too, go."""
   _keys(keys)
@@ -449,7 +553,8 @@ def copy(inkey, outkey) -> Op:
 # The op table: a spec's op names are exactly these function names.
 OPS: dict[str, Callable[..., Op]] = {f.__name__: f for f in (
     decode, resize, resize_small, central_crop, crop_to_object, random_crop, value_range,
-    normalize, flip_lr, choice, tokenize, object_label, object_pair_label, keep, drop, rename, copy)}
+    normalize, flip_lr, choice, tokenize, object_label, object_pair_label, vlm_task,
+    vlm_text, object_attributes, keep, drop, rename, copy)}
 
 
 def _user_signature(factory: Callable) -> inspect.Signature:

@@ -13,6 +13,7 @@ _TASKS = {
     "classify": "multimodal.tasks.classify:ClassificationTask",
     "clip": "multimodal.tasks.clip:ContrastiveTask",
     "dit": "multimodal.tasks.dit:DiffusionTask",
+    "vlm": "multimodal.tasks.vlm:VisionLanguageTask",
 }
 
 

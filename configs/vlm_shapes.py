@@ -1,0 +1,106 @@
+r"""A small vision-language model on the shapes world, in LLaVA's stages.
+
+  ./launch.sh run configs/vlm_shapes.py                # all stages (the others on first use)
+  ./launch.sh run configs/vlm_shapes.py:stage=align    # one stage
+  ./launch.sh run configs/vlm_shapes.py:projector=linear,causal=True
+
+stage=lm: the decoder learns the world's text; stage=align: only the
+projector trains, between the frozen vision tower of a CLIP run
+(configs/clip_shapes.py, trained on first use) and the frozen LM; stage=tune
+(the default): projector and LM learn VQA and captioning. Each stage starts
+from the previous one's run, trained on first use and cached in
+<data_dir>/trained_runs/ (`config.init.*.workdir` points at runs of your own).
+"""
+from ml_collections import config_dict
+
+from configs import clip_shapes
+from multimodal import config_lib
+
+STEPS = {"lm": 1500, "align": 600, "tune": 3000}
+MAX_LEN = 48  # Prompt + answer tokens; the longest caption fits.
+MAX_PROMPT_LEN = 16  # Questions and the caption prompt.
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, stage="tune", steps=0, batch=64, lm="mu",
+                             projector="mlp", causal=False, vision_layer=-1,
+                             p_caption=0.3, lr=0.0, res=64)
+  c = config_dict.ConfigDict()
+  c.task = "vlm"
+  c.stage = arg.stage
+  c.seed = 0
+
+  c.total_steps = config_dict.placeholder(int)
+  c.total_epochs = config_dict.placeholder(float)
+  c.total_examples = config_dict.placeholder(int)
+  c.total_steps = arg.steps or STEPS.get(arg.stage, 1000)
+
+  c.input = config_dict.ConfigDict()
+  c.input.data = "shapes_world"
+  c.input.data_dir = config_dict.placeholder(str)
+  c.input.shapes_world = dict(clip_shapes.SHAPES_WORLD)
+  c.input.split = "train"
+  c.input.batch_size = arg.batch
+  c.input.shuffle_buffer = 10_000
+  c.input.tokenizer = dict(model=config_dict.placeholder(str), vocab_size=256)
+  c.input.max_len = MAX_LEN
+  c.input.max_prompt_len = MAX_PROMPT_LEN
+  res = arg.res  # The vision run's input size.
+  image_pp = f"decode|resize({res})|value_range(-1,1)"
+  mode = {"lm": "mix", "align": "caption", "tune": "mix"}[arg.stage]
+  p_caption = 0.5 if arg.stage == "lm" else arg.p_caption
+  text_pp = (f'|vlm_task(mode="{mode}", p_caption={p_caption})'
+             f"|vlm_text(max_len={MAX_LEN})")
+  keys = '"text", "mask_ar", "mask_loss", "input_mask"'
+  c.input.pp = (image_pp + text_pp + f'|keep("image", {keys})' if arg.stage != "lm"
+                else text_pp[1:] + f"|keep({keys})")
+
+  c.model = config_dict.ConfigDict()
+  # The vision tower: a CLIP/SigLIP run (its `image` config and weights).
+  c.model.vision = dict(workdir=config_dict.placeholder(str),
+                        config="configs/clip_shapes.py")
+  c.model.lm = dict(variant=arg.lm, tie_embeddings=False)
+  c.model.projector = arg.projector
+  c.model.vision_layer = arg.vision_layer
+  c.model.causal = arg.causal
+  # Where each stage starts: the runs of the previous stages.
+  c.init = config_dict.ConfigDict()
+  # The earlier stages share this config's args (but stage, steps, lr) and
+  # its model.vision (passed on by the task).
+  same = ",".join(f"{k}={v}" for k, v in arg.items() if k not in ("stage", "steps", "lr"))
+  c.init.lm = dict(workdir=config_dict.placeholder(str),
+                   config=f"configs/vlm_shapes.py:stage=lm,{same}")
+  c.init.run = dict(workdir=config_dict.placeholder(str),
+                    config=f"configs/vlm_shapes.py:stage=align,{same}")
+
+  c.compute_dtype = "float32"
+  c.lr = arg.lr or {"lm": 3e-3, "align": 3e-3, "tune": 1e-3}[arg.stage]
+  c.wd = 1e-4
+  c.wd_mask = r".*/kernel"
+  c.grad_clip_norm = 1.0
+  c.schedule = dict(warmup_steps=100, decay_type="cosine", min_lr_ratio=0.0)
+  c.ema_decay = config_dict.placeholder(float)
+  # Frozen: the vision tower always; in "align" the LM too.
+  c.freeze = config_dict.placeholder(str)
+  c.freeze = {"lm": None, "align": "img/.*|llm/.*", "tune": "img/.*"}[arg.stage]
+  c.lr_mults = ()
+
+  c.mesh = dict(data=-1)
+  c.log_steps = 50
+  c.ckpt_steps = 500
+  c.keep_ckpts = 1
+  c.eval_every = 0
+
+  c.evals = config_dict.ConfigDict()
+  if arg.stage != "lm":
+    eval_keys = '"image", "prompt", "answer", "question"'
+    for split in ("test", "test_novel") if arg.stage == "tune" else ():
+      c.evals[f"vqa_{split}"] = dict(
+          type="vqa", split=split, max_new_tokens=4, batch_size=256,
+          pp=image_pp + '|vlm_task(mode="vqa")|copy("prompt", "question")'
+          f"|keep({eval_keys})")
+    c.evals.captioning = dict(
+        type="captioning", split="test", max_new_tokens=MAX_LEN - 2, batch_size=256,
+        pp=image_pp + '|vlm_task(mode="caption")|object_attributes()'
+        '|keep("image", "prompt", "captions", "colours", "shapes")')
+  return c

@@ -1,0 +1,107 @@
+"""A vision-language model: ViT patch features -> projector -> decoder LM
+(LLaVA's architecture, with PaliGemma's masks).
+
+The image becomes N tokens in the LM's embedding space and goes before the
+text. Which tokens attend to which is one mechanism, PaliGemma's `mask_ar`:
+0 marks tokens of the prefix (the image and the prompt), attended
+bidirectionally; 1 marks autoregressive tokens (the answer), attended
+causally. LLaVA's fully causal attention is `causal=True` (every token 1).
+
+Params: "img" (a ViT without head or pooling, the vision tower of a CLIP /
+SigLIP run), "projector", "llm" (decoder.Decoder).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from multimodal.models import decoder, layers
+from multimodal.models.vit import ViT
+
+PROJECTORS = ("linear", "mlp")
+
+
+class Projector(nn.Module):
+  """Vision width -> LM width: one Dense ("linear"), or LLaVA-1.5's
+  Dense-GELU-Dense ("mlp")."""
+  kind: str
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind not in PROJECTORS:
+      raise ValueError(f"projector {self.kind!r} is not one of {PROJECTORS}.")
+
+    def dense(name):
+      return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+                      kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                     (None, "embed")),
+                      bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))
+    if self.kind == "linear":
+      return dense("Dense_0")(x)
+    # The hidden layer keeps the LM width, as in LLaVA-1.5.
+    return dense("Dense_1")(nn.gelu(dense("Dense_0")(x), approximate=False))
+
+
+class VisionLanguageModel(nn.Module):
+  """`__call__(images, text, mask_ar, input_mask) -> logits [B, L, vocab]`
+  for the text positions (image positions predict nothing)."""
+  image: dict  # ViT kwargs (variant, stem, posemb, ...)
+  lm: dict  # decoder.Decoder kwargs (vocab_size, variant, ...)
+  projector_type: str = "mlp"
+  # Which ViT layer feeds the projector: -1 the final (normed) tokens, -2 the
+  # penultimate block's output (LLaVA's choice), ...
+  vision_layer: int = -1
+  causal: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    # image=None: the LM alone (the text-only "lm" stage); no image tokens.
+    self.img = (None if self.image is None else
+                ViT(**{**self.image, "num_classes": None, "pool_type": "none",
+                       "dtype": self.dtype}))
+    self.llm = decoder.Decoder(**{**self.lm, "dtype": self.dtype})
+    self.projector = Projector(self.projector_type, self.llm._config()["width"], self.dtype)
+
+  def embed_image(self, images):
+    """[B, H, W, C] -> [B, N, LM width] image tokens."""
+    if self.img is None:
+      return None
+    _, aux = self.img(images)
+    if self.vision_layer == -1:
+      features = aux["encoded"]
+    else:
+      blocks = aux["blocks"]
+      features = blocks[sorted(blocks)[self.vision_layer]]
+    return self.projector(features)
+
+  def embed_prefix(self, images, tokens):
+    """Image tokens followed by the prompt's token embeddings."""
+    return self._with_image(self.embed_image(images), self.llm.embed(tokens))
+
+  @staticmethod
+  def _with_image(image_tokens, text_embeds):
+    if image_tokens is None:
+      return text_embeds
+    return jnp.concatenate([image_tokens.astype(text_embeds.dtype), text_embeds], axis=1)
+
+  def full_masks(self, num_image_tokens: int, mask_ar, input_mask):
+    """mask_ar and input_mask of [image; text]: the image is prefix and real."""
+    batch = mask_ar.shape[0]
+    ones = jnp.ones((batch, num_image_tokens), jnp.int32)
+    if self.causal:
+      mask_ar = jnp.ones_like(mask_ar)
+    return (jnp.concatenate([ones if self.causal else 0 * ones, mask_ar], axis=1),
+            jnp.concatenate([ones, input_mask], axis=1))
+
+  def __call__(self, images, text, mask_ar, input_mask):
+    x = self.embed_prefix(images, text)
+    num_image = x.shape[1] - text.shape[1]
+    full_ar, full_input = self.full_masks(num_image, mask_ar, input_mask)
+    mask = decoder.make_attention_mask(full_ar, full_input)
+    positions = jnp.maximum(jnp.cumsum(full_input, axis=1) - 1, 0)
+    logits, _ = self.llm(x, positions=positions, mask=mask)
+    return logits[:, num_image:]

@@ -1,0 +1,215 @@
+"""A vision-language model trained in stages, LLaVA's recipe on the shapes world.
+
+  stage "lm"     the decoder alone learns the world's language (captions,
+                 questions and answers as plain text, loss on every token);
+  stage "align"  the projector alone learns to turn a frozen CLIP/SigLIP
+                 vision tower's patch features into tokens the frozen LM
+                 captions from (`config.freeze` = "img/.*|llm/.*");
+  stage "tune"   projector and LM learn VQA and captioning together
+                 (the vision tower stays frozen; `config.lr_mults` may slow
+                 the LM down).
+
+Each stage is an ordinary run; a stage's config names the runs it starts
+from (`config.init`), which are trained on first use and cached
+(trained_runs), so `./launch.sh run configs/vlm_shapes.py` runs them all.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from multimodal import config_lib, sharding, trained_runs, trainer
+from multimodal.data import preprocess, tokenizer as tokenizer_lib
+from multimodal.evaluators import captioning, vqa
+from multimodal.models import decoder, decoding, vlm
+from multimodal.tasks import base
+
+STAGES = ("lm", "align", "tune")
+TOKENIZER_TRAINING_EXAMPLES = 20_000
+
+
+def resolve_run(run_config, *, data_dir: str, run_data_dir, shapes_world,
+                overrides=None) -> str:
+  """`run_config.workdir`, or a cached run of `run_config.config` trained on
+  first use into <data_dir>/trained_runs/."""
+  if run_config.get("workdir"):
+    return run_config.workdir
+  return trained_runs.ensure_trained(
+      run_config.config, cache_root=os.path.join(data_dir, "trained_runs"),
+      data_dir=run_data_dir, shapes_world=shapes_world, overrides=overrides)
+
+
+class VisionLanguageTask(base.Task):
+  """Next-token loss on the answer tokens (all tokens in stage "lm")."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    if config.stage not in STAGES:
+      raise config_lib.ConfigError(f"config.stage={config.stage!r} is not one of {STAGES}.")
+    self.text_only = config.stage == "lm"
+    self.tokenizer = self._tokenizer()
+    self.max_len = config.input.max_len
+    self.vision_workdir = None
+    image = None
+    if not self.text_only:
+      self.vision_workdir = self._resolve(config.model.vision)
+      vision_config = config_lib.load_workdir_config(self.vision_workdir)
+      image = vision_config.model.image.to_dict()
+      self.image_size = vision_config.input.image_size
+    self.lm_kwargs = {**config.model.lm.to_dict(), "vocab_size": self.tokenizer.vocab_size}
+    self.model = vlm.VisionLanguageModel(
+        image=image, lm=self.lm_kwargs, projector_type=config.model.projector,
+        vision_layer=config.model.vision_layer, causal=config.model.causal,
+        dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+    self.decoder = decoder.Decoder(**self.lm_kwargs)
+
+  def _resolve(self, run_config, overrides=None) -> str:
+    return resolve_run(run_config, data_dir=self.source.data_dir,
+                       run_data_dir=self.config.input.get("data_dir"),
+                       shapes_world=self.config.input.get("shapes_world"),
+                       overrides=overrides)
+
+  def _resolve_stage(self, run_config) -> str:
+    """An earlier stage's run, with this run's vision tower."""
+    vision = self.config.model.vision
+    return self._resolve(run_config, {"model.vision.workdir": self.vision_workdir,
+                                      "model.vision.config": vision.config})
+
+  def _tokenizer(self):
+    """One SentencePiece model over captions, questions and answers, shared
+    by every stage (they must agree on ids)."""
+    cfg = self.config.input.tokenizer
+
+    def texts():
+      ds = self.source.read(self.config.input.split).take(TOKENIZER_TRAINING_EXAMPLES)
+      for example in ds.as_numpy_iterator():
+        for key in ("captions", "questions", "answers"):
+          for text in np.atleast_1d(example[key]):
+            yield text.decode("utf-8")
+
+    name = "".join(c if c.isalnum() else "_" for c in self.source.builder.info.full_name)
+    return tokenizer_lib.get_tokenizer(
+        cfg.get("model"), cache_dir=self.source.data_dir, cache_name=f"{name}_vlm",
+        texts_fn=texts, vocab_size=cfg.vocab_size)
+
+  # --- the trainer's interface -------------------------------------------
+
+  def train_pp(self):
+    return preprocess.build(self.config.input.pp, tokenizer=self.tokenizer)
+
+  def init(self, rng):
+    text = jnp.zeros((1, self.max_len - 1), jnp.int32)
+    if self.text_only:
+      images = None
+    else:
+      images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+    return self.model.init(rng, images, text, text, text)["params"]
+
+  def loss_fn(self, params, batch, rng):
+    del rng  # No dropout.
+    text = batch["text"]
+    mask_ar, input_mask = batch["mask_ar"], batch["input_mask"]
+    if self.text_only:  # A plain causal LM over every real token.
+      mask_ar, weights = jnp.ones_like(mask_ar), input_mask[:, 1:]
+    else:
+      weights = batch["mask_loss"][:, 1:]
+    logits = self.model.apply({"params": params}, batch.get("image"), text[:, :-1],
+                              mask_ar[:, :-1], input_mask[:, :-1])
+    targets = text[:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weights = weights.astype(jnp.float32)
+    loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return loss, {"token_accuracy": accuracy}
+
+  def pretrained_params(self):
+    init = self.config.get("init", {})
+    result = []
+    if self.config.stage == "align":
+      vision = trainer_params(self.vision_workdir)["img"]
+      vision = {k: v for k, v in vision.items() if k not in ("head", "MAPHead_0")}
+      result.append((f"the vision tower of the run {self.vision_workdir}", {"img": vision}))
+      lm_dir = self._resolve(init.lm)
+      result.append((f"the LM of the run {lm_dir}", {"llm": trainer_params(lm_dir)["llm"]}))
+    elif self.config.stage == "tune":
+      run_dir = self._resolve_stage(init.run)
+      result.append((f"the aligned model of the run {run_dir}", trainer_params(run_dir)))
+    return result
+
+  # --- generation --------------------------------------------------------
+
+  def generate_fn(self, max_new_tokens: int, temperature: float = 0.0,
+                  top_p: float = 1.0):
+    """jitted (params, images, prompt_tokens, prompt_mask, rng) -> tokens
+    [B, max_new_tokens] (pad after EOS)."""
+    model, lm = self.model, self.decoder
+
+    def generate(params, images, prompt_tokens, prompt_mask, rng):
+      prefix = model.apply({"params": params}, images, prompt_tokens,
+                           method=model.embed_prefix)
+      num_image = prefix.shape[1] - prompt_tokens.shape[1]
+      prefix_ar, prefix_input = model.apply(
+          {"params": params}, num_image, jnp.zeros_like(prompt_tokens), prompt_mask,
+          method=model.full_masks)
+      return decoding.generate(
+          lm, params["llm"], prefix, prefix_ar, prefix_input,
+          max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
+          pad_id=self.tokenizer.pad_id, rng=rng, temperature=temperature, top_p=top_p)
+    return jax.jit(generate)
+
+  def prompt_tokens(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) [n, max_prompt_len] of prompts without EOS, right-padded."""
+    length = self.config.input.max_prompt_len
+    ids = self.tokenizer.encode(list(prompts), length + 1)
+    mask = (ids != self.tokenizer.pad_id) & (ids != self.tokenizer.eos_id)
+    return np.where(mask, ids, self.tokenizer.pad_id)[:, :length], mask[:, :length].astype(np.int32)
+
+  def answer(self, params, images, prompts: list[str], *, max_new_tokens: int,
+             generate=None) -> list[str]:
+    """Greedy answers (strings) to one prompt per image."""
+    generate = generate or self.generate_fn(max_new_tokens)
+    tokens, mask = self.prompt_tokens(prompts)
+    out = generate(params, images, tokens, mask, jax.random.key(0))
+    return self.tokenizer.decode_batch(np.asarray(jax.device_get(out)))
+
+  # --- evaluators ------------------------------------------------------
+
+  def evaluators(self, mesh, workdir=None):
+    del workdir
+    result = []
+    for name, cfg in sorted(self.config.evals.items()):
+      pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
+      batches = self.eval_batches(mesh, split=cfg.split, pp_fn=pp_fn,
+                                  batch_size=cfg.get("batch_size", self.config.input.batch_size))
+      generate = self.generate_fn(cfg.max_new_tokens)
+
+      def outputs(params, batch, generate=generate, cfg=cfg):
+        prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p)
+                   for p in np.asarray(batch["prompt"])]
+        return self.answer(params, batch["image"], prompts,
+                           max_new_tokens=cfg.max_new_tokens, generate=generate)
+
+      if cfg.type == "vqa":
+        result.append(vqa.VQAAccuracy(name=name, batches=batches, answer_fn=outputs))
+      elif cfg.type == "captioning":
+        result.append(captioning.CaptionQuality(name=name, batches=batches,
+                                                caption_fn=outputs))
+      else:
+        raise ValueError(f"config.evals.{name}.type={cfg.type!r}; this task knows "
+                         "'vqa' and 'captioning'.")
+    return result
+
+
+def trainer_params(workdir: str) -> dict:
+  """The eval params (EMA if kept) of a run's latest checkpoint, on host."""
+  from multimodal import tasks  # Deferred: tasks import this module.
+  config = config_lib.load_workdir_config(workdir)
+  task = tasks.get(config.task)(config)
+  mesh = sharding.make_mesh({"data": -1})
+  state = trainer.restore_latest(task, config, workdir, mesh)
+  return jax.device_get(trainer.eval_params(state))

@@ -1,0 +1,168 @@
+"""The vision-language model: PaliGemma's text layout and masks, the loss on
+answer tokens only, frozen towers bit-identical through training, the
+stages chaining through cached runs, and (slow) a tiny run through the
+command line whose VQA beats a blind model, with the `ask` and `caption`
+commands."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, TINY_WORLD
+from multimodal import config_lib, optim, trained_runs, trainer
+from multimodal.data import preprocess, shapes_world
+from multimodal.models import decoder
+from multimodal.tasks import vlm
+
+TINY_CLIP = "configs/clip_shapes.py:variant=mu/8,text_variant=mu,steps=10,res=32,batch=32"
+
+
+def vlm_config(data_dir, clip_workdir, stage, steps, **overrides):
+  config = config_lib.load_config_file(
+      f"configs/vlm_shapes.py:stage={stage},steps={steps},res=32,batch=16")
+  with config.unlocked():
+    config.input.data_dir = data_dir
+    config.input.shapes_world = dict(TINY_WORLD)
+    config.model.vision.workdir = clip_workdir
+    config.log_steps = 1
+    for stage_run, name in ((config.init.lm, "lm"), (config.init.run, "align")):
+      stage_run.config = f"configs/vlm_shapes.py:stage={name},steps=3,res=32,batch=16"
+    for evaluator in config.evals.values():
+      evaluator.batch_size = 64
+    for key, value in overrides.items():
+      config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def clip_workdir(data_dir, tmp_path_factory):
+  return trained_runs.ensure_trained(
+      TINY_CLIP, cache_root=str(tmp_path_factory.mktemp("clip")), data_dir=data_dir,
+      shapes_world=TINY_WORLD)
+
+
+@pytest.fixture(scope="module")
+def align_task(data_dir, clip_workdir):
+  return vlm.VisionLanguageTask(vlm_config(data_dir, clip_workdir, "align", 3))
+
+
+def test_text_layout_and_masks(align_task):
+  tok = align_task.tokenizer
+  pp = preprocess.build("vlm_text(max_len=24)", tokenizer=tok)
+  out = pp({"prompt": tf.constant("what colour is the circle?"), "answer": tf.constant("red")})
+  prompt = [int(i) for i in tok.encode(["what colour is the circle?"], 24)[0] if i > tok.eos_id]
+  answer = [int(i) for i in tok.encode(["red"], 24)[0] if i > tok.eos_id] + [tok.eos_id]
+  n_p, n = len(prompt), len(prompt) + len(answer)
+  text = out["text"].numpy()
+  np.testing.assert_array_equal(text[:n], prompt + answer)
+  np.testing.assert_array_equal(text[n:], tok.pad_id)
+  want_ar = np.r_[np.zeros(n_p), np.ones(n - n_p), np.zeros(24 - n)]
+  np.testing.assert_array_equal(out["mask_ar"].numpy(), want_ar)
+  np.testing.assert_array_equal(out["mask_loss"].numpy(), want_ar)  # Answer + EOS only.
+  np.testing.assert_array_equal(out["input_mask"].numpy(), np.r_[np.ones(n), np.zeros(24 - n)])
+
+
+def test_image_and_prompt_are_prefix_answer_is_causal(align_task):
+  """Two image tokens, a two-token prompt, a two-token answer, one pad."""
+  model = align_task.model
+  mask_ar = jnp.array([[0, 0, 1, 1, 0]])
+  input_mask = jnp.array([[1, 1, 1, 1, 0]])
+  full_ar, full_input = model.full_masks(2, mask_ar, input_mask)
+  got = np.asarray(decoder.make_attention_mask(full_ar, full_input))[0].astype(int)
+  prefix = [1, 1, 1, 1, 0, 0, 0]
+  want = np.array([prefix] * 4 + [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0],
+                                  [0] * 7])
+  np.testing.assert_array_equal(got[:6], want[:6])  # The pad's own row is unused.
+  causal = model.clone(causal=True)
+  full_ar, full_input = causal.full_masks(2, mask_ar, input_mask)
+  got = np.asarray(decoder.make_attention_mask(full_ar, full_input))[0].astype(int)
+  np.testing.assert_array_equal(got[:6, :6], np.tril(np.ones((6, 6), int)))
+
+
+def test_loss_counts_answer_tokens_only(align_task):
+  params = jax.tree.map(lambda x: x.value, align_task.init(jax.random.key(0)),
+                        is_leaf=lambda x: hasattr(x, "value"))
+  tok = align_task.tokenizer
+  pp = preprocess.build("vlm_text(max_len=48)", tokenizer=tok)
+  rows = [pp({"prompt": tf.constant(p), "answer": tf.constant(a)})
+          for p, a in (("what colour is the circle?", "red"), ("caption", "a red circle."))]
+  batch = {k: jnp.stack([r[k].numpy() for r in rows])
+           for k in ("text", "mask_ar", "mask_loss", "input_mask")}
+  batch["image"] = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)),
+                               jnp.float32)
+  loss, _ = align_task.loss_fn(params, batch, None)
+  logits = align_task.model.apply({"params": params}, batch["image"], batch["text"][:, :-1],
+                                  batch["mask_ar"][:, :-1], batch["input_mask"][:, :-1])
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["text"][:, 1:]))
+  weights = np.asarray(batch["mask_loss"][:, 1:])
+  assert weights.sum() == sum(int(r["mask_loss"].numpy().sum()) for r in rows)
+  assert float(loss) == pytest.approx((ce * weights).sum() / weights.sum(), rel=1e-6)
+  # Prompt positions carry real (and large) errors that the loss leaves out.
+  prompt_ce = ce[(weights == 0) & (np.asarray(batch["input_mask"][:, 1:]) == 1)]
+  assert prompt_ce.size and abs(prompt_ce.mean() - float(loss)) > 1e-3
+
+
+def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
+  """Stage align starts from the CLIP run's vision tower and the lm stage's
+  LM (both trained on first use), freezes both: after training they are
+  bit-identical to their sources, and only the projector moved."""
+  config = vlm_config(data_dir, clip_workdir, "align", 3)
+  task = vlm.VisionLanguageTask(config)
+  start = {what: tree for what, tree in task.pretrained_params()}
+  assert len(start) == 2
+  trainer.train(task, config, str(tmp_path / "align"))
+  after = vlm.trainer_params(str(tmp_path / "align"))
+  vision, lm = start.values()
+  for path, value in optim.param_paths(vision).items():
+    np.testing.assert_array_equal(optim.param_paths(after)[path], value, err_msg=path)
+  for path, value in optim.param_paths(lm).items():
+    np.testing.assert_array_equal(optim.param_paths(after)[path], value, err_msg=path)
+  init = jax.tree.map(lambda x: x.value, task.init(jax.random.key(config.seed)),
+                      is_leaf=lambda x: hasattr(x, "value"))
+  moved = [p for p, v in optim.param_paths(after).items() if p.startswith("projector/")
+           and not np.array_equal(v, optim.param_paths(init)[p])]
+  assert moved
+
+
+@pytest.mark.slow
+def test_tiny_vlm_through_the_command_line(data_dir, clip_workdir, tmp_path):
+  """All stages through `run` (earlier ones trained on first use), VQA on
+  colour and shape far above a blind model, then `ask` and `caption`."""
+  workdir = tmp_path / "vlm"
+  small = "res=32,batch=32"
+  args = [sys.executable, "-m", "experiments.train",
+          f"configs/vlm_shapes.py:stage=tune,steps=800,{small}", f"--workdir={workdir}",
+          f"--config.input.data_dir={data_dir}", f"--config.model.vision.workdir={clip_workdir}",
+          f"--config.init.lm.config=configs/vlm_shapes.py:stage=lm,steps=400,{small}",
+          f"--config.init.run.config=configs/vlm_shapes.py:stage=align,steps=300,{small}",
+          *[f"--config.input.shapes_world.{k}={v}" for k, v in TINY_WORLD.items()]]
+  run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())["metrics"]
+  # A model that ignores the image guesses a colour or shape at 1/8.
+  assert results["vqa_test/accuracy_colour"] > 3 / 8, results
+  assert results["vqa_test/accuracy"] > 0.5, results
+
+  image_dir = tmp_path / "images"
+  image_dir.mkdir()
+  for i in range(3):
+    ex = shapes_world.generate_example(0, "test", i, TINY_WORLD["image_size"])
+    (image_dir / f"{i}.png").write_bytes(ex["image"])
+  ask = subprocess.run([sys.executable, "-m", "experiments.ask", f"--workdir={workdir}",
+                        f"--image={image_dir}", "how many objects are there?"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert ask.returncode == 0, ask.stderr[-3000:]
+  lines = ask.stdout.strip().splitlines()
+  assert len(lines) == 3 and all(line.startswith(str(image_dir)) for line in lines)
+  assert all(line.rsplit(": ", 1)[1] in shapes_world.NUMBER_WORDS for line in lines), lines
+  caption = subprocess.run([sys.executable, "-m", "experiments.caption", f"--workdir={workdir}",
+                            f"--image={image_dir / '0.png'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert caption.returncode == 0, caption.stderr[-3000:]
+  assert caption.stdout.startswith(f"{image_dir / '0.png'}: ") and len(caption.stdout) > 20
