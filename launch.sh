@@ -10,6 +10,7 @@
 #   ./launch.sh ask --workdir DIR --image PATH "what colour is the square?"   (PATH: a file or a folder)
 #   ./launch.sh caption --workdir DIR --image PATH
 #   ./launch.sh sample --workdir DIR --prompt "a red circle" [--n 16 --cfg 3.0 --steps 50 --sampler ddim]
+#   ./launch.sh bench [--families vlm] [--out FILE] [--smoke]
 #   ./launch.sh test [PYTEST ARGS]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,6 +48,8 @@ case "$cmd" in
     exec "$py" -m experiments.ask "$@" ;;
   caption)
     exec "$py" -m experiments.caption "$@" ;;
+  bench)
+    exec "$py" -m experiments.bench "$@" ;;
   search)
     exec "$py" -m experiments.search "$@" ;;
   test)
@@ -54,8 +57,8 @@ case "$cmd" in
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
     exec "$py" -m pytest "$@" ;;
   -h|--help|help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, embed, search, ask, caption, test." >&2
+    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, embed, search, ask, caption, bench, test." >&2
     exit 2 ;;
 esac

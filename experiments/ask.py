@@ -48,10 +48,11 @@ def answer_images(workdir: str, image: str, question: str | None) -> list[tuple[
   from multimodal.data import errors, preprocess
   from multimodal.tasks import vlm
   config = config_lib.load_workdir_config(workdir)
-  if config.task != "vlm":
+  if config.task != "vlm" or config.stage == "lm":
+    what = f"stage '{config.stage}'" if config.task == "vlm" else f"'{config.task}'"
     raise config_lib.ConfigError(
-        f"{workdir} is a '{config.task}' run; ask and caption need a VLM run "
-        "(configs/vlm_shapes.py).")
+        f"{workdir} is a {what} run; ask and caption need a VLM run that sees "
+        "images (configs/vlm_shapes.py, stage align or tune).")
   task = tasks.get(config.task)(config)
   params = vlm.trainer_params(workdir)
   paths = index.image_files(image) if os.path.isdir(image) else [image]
