@@ -14,7 +14,7 @@ import optax
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, TINY_WORLD
+from conftest import E2E_WORLD, ROOT, TINY_WORLD
 from multimodal import config_lib, optim, trained_runs, trainer
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
@@ -131,28 +131,32 @@ def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_vlm_through_the_command_line(data_dir, clip_workdir, tmp_path):
-  """All stages through `run` (earlier ones trained on first use), VQA on
-  colour and shape far above a blind model, then `ask` and `caption`."""
+def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
+  """All stages through `run` (the earlier ones trained on first use) on the
+  vision tower of conftest's CLI-trained CLIP: VQA answers colour and count
+  questions far more often right than a model that ignores the image; then
+  the `ask` and `caption` commands."""
+  clip_workdir, _ = trained_clip
   workdir = tmp_path / "vlm"
-  small = "res=32,batch=32"
+  small = "res=64,batch=32"
   args = [sys.executable, "-m", "experiments.train",
-          f"configs/vlm_shapes.py:stage=tune,steps=800,{small}", f"--workdir={workdir}",
+          f"configs/vlm_shapes.py:stage=tune,steps=600,{small}", f"--workdir={workdir}",
           f"--config.input.data_dir={data_dir}", f"--config.model.vision.workdir={clip_workdir}",
-          f"--config.init.lm.config=configs/vlm_shapes.py:stage=lm,steps=400,{small}",
+          f"--config.init.lm.config=configs/vlm_shapes.py:stage=lm,steps=300,{small}",
           f"--config.init.run.config=configs/vlm_shapes.py:stage=align,steps=300,{small}",
-          *[f"--config.input.shapes_world.{k}={v}" for k, v in TINY_WORLD.items()]]
+          *[f"--config.input.shapes_world.{k}={v}" for k, v in E2E_WORLD.items()]]
   run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500)
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())["metrics"]
-  # A model that ignores the image guesses a colour or shape at 1/8.
+  # A model that ignores the image names a colour right 1 time in 8, and
+  # counts 1, 2 or 3 objects right about 1 time in 3 (it got 0.51 and 0.97).
   assert results["vqa_test/accuracy_colour"] > 3 / 8, results
-  assert results["vqa_test/accuracy"] > 0.5, results
+  assert results["vqa_test/accuracy_count"] > 0.7, results
 
   image_dir = tmp_path / "images"
   image_dir.mkdir()
   for i in range(3):
-    ex = shapes_world.generate_example(0, "test", i, TINY_WORLD["image_size"])
+    ex = shapes_world.generate_example(0, "test", i, E2E_WORLD["image_size"])
     (image_dir / f"{i}.png").write_bytes(ex["image"])
   ask = subprocess.run([sys.executable, "-m", "experiments.ask", f"--workdir={workdir}",
                         f"--image={image_dir}", "how many objects are there?"],
