@@ -59,7 +59,14 @@ def answer_images(workdir: str, image: str, question: str | None) -> list[tuple[
   if not os.path.isfile(paths[0]):
     raise errors.DataError(f"--image {image} does not exist.")
   pp = preprocess.build(encoders.test_time_image_pp(config.input.pp))
-  images = np.stack([pp({"image": tf.io.read_file(p)})["image"].numpy() for p in paths])
+
+  def load(path):
+    try:
+      return pp({"image": tf.io.read_file(path)})["image"].numpy()
+    except tf.errors.OpError:
+      raise errors.DataError(f"{path} is not a readable image: give JPEG, PNG, GIF "
+                             "or BMP files.") from None
+  images = np.stack([load(p) for p in paths])
   prompt = question or config.evals.captioning.get("prompt", "caption")
   limit = MAX_NEW_TOKENS.value or (config.evals.captioning.max_new_tokens if question is None
                                    else config.evals.get("vqa_test", {}).get("max_new_tokens", 8))

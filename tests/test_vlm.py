@@ -157,7 +157,7 @@ def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
   image_dir.mkdir()
   for i in range(3):
     ex = shapes_world.generate_example(0, "test", i, E2E_WORLD["image_size"])
-    (image_dir / f"{i}.png").write_bytes(ex["image"])
+    (image_dir / f"{i}.png").write_bytes(shapes_world.png_bytes(ex["image"]))
   ask = subprocess.run([sys.executable, "-m", "experiments.ask", f"--workdir={workdir}",
                         f"--image={image_dir}", "how many objects are there?"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -170,3 +170,10 @@ def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert caption.returncode == 0, caption.stderr[-3000:]
   assert caption.stdout.startswith(f"{image_dir / '0.png'}: ") and len(caption.stdout) > 20
+  # A file that is not an image: one clear line, no traceback.
+  (image_dir / "bad.png").write_bytes(b"not an image")
+  bad = subprocess.run([sys.executable, "-m", "experiments.caption", f"--workdir={workdir}",
+                        f"--image={image_dir / 'bad.png'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert "bad.png" in bad.stderr.strip().splitlines()[-1]
