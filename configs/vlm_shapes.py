@@ -3,6 +3,7 @@ r"""A small vision-language model on the shapes world, in LLaVA's stages.
   ./launch.sh run configs/vlm_shapes.py                # all stages (the others on first use)
   ./launch.sh run configs/vlm_shapes.py:stage=align    # one stage
   ./launch.sh run configs/vlm_shapes.py:projector=linear,causal=True
+  ./launch.sh run configs/vlm_shapes.py --config.init.from_hf=DIR   # a HF Llama as the LM
 
 stage=lm: the decoder learns the world's text; stage=align: only the
 projector trains, between the frozen vision tower of a CLIP run
@@ -66,14 +67,23 @@ def get_config(arg=None):
   # Where each stage starts: the runs of the previous stages.
   c.init = config_dict.ConfigDict()
   # The earlier stages share this config's args (but stage, steps, lr) and
-  # its model.vision (passed on by the task).
+  # its model.vision (passed on by the task); the text-only lm stage only the
+  # args it reads, so that one LM serves every vision setting.
   same = ",".join(f"{k}={v}" for k, v in arg.items() if k not in ("stage", "steps", "lr"))
   c.init.lm = dict(workdir=config_dict.placeholder(str),
-                   config=f"configs/vlm_shapes.py:stage=lm,{same}")
+                   config=f"configs/vlm_shapes.py:stage=lm,lm={arg.lm},batch={arg.batch}")
   c.init.run = dict(workdir=config_dict.placeholder(str),
                     config=f"configs/vlm_shapes.py:stage=align,{same}")
+  # A local Hugging Face LlamaForCausalLM directory (config.json, safetensors,
+  # tokenizer.json): its architecture, weights and tokenizer replace model.lm,
+  # the "lm" stage and the world's tokenizer.
+  c.init.from_hf = config_dict.placeholder(str)
 
   c.compute_dtype = "float32"
+  # Memory for time: microbatches per step (accumulate.py) and which block
+  # activations the backward pass recomputes (layers.REMAT_POLICIES).
+  c.grad_accum_steps = 1
+  c.remat = "none"
   c.lr = arg.lr or {"lm": 3e-3, "align": 3e-3, "tune": 1e-3}[arg.stage]
   c.wd = 1e-4
   c.wd_mask = r".*/kernel"
@@ -85,7 +95,7 @@ def get_config(arg=None):
   c.freeze = {"lm": None, "align": "img/.*|llm/.*", "tune": "img/.*"}[arg.stage]
   c.lr_mults = ()
 
-  c.mesh = dict(data=-1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # e.g. --config.mesh.fsdp=8
   c.log_steps = 50
   c.ckpt_steps = 500
   c.keep_ckpts = 1

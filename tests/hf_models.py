@@ -65,3 +65,34 @@ def train_bpe(special: list[str], clip_style: bool):
   return tok
 
 
+
+
+def save_tiny_llama(directory: str, texts, **config):
+  """A LlamaForCausalLM with random (perturbed) weights and a BPE tokenizer
+  trained on `texts`, saved as a downloaded checkpoint is laid out
+  (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)."""
+  import json
+  import os
+
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+  tok.train_from_iterator(list(texts), trainer)
+  # As Llama's tokenizer.json files do: BOS before every sequence.
+  tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(dict(tokenizer_class="LlamaTokenizerFast", bos_token="<s>", eos_token="</s>",
+                   unk_token="<unk>", add_bos_token=True, add_eos_token=False), f)
+  cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             bos_token_id=1, eos_token_id=2, **config)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval().float()
+  perturb_(model, scale=0.3)
+  model.save_pretrained(directory)
+  return model

@@ -15,12 +15,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import E2E_WORLD, ROOT, TINY_WORLD
-from multimodal import config_lib, optim, trained_runs, trainer
+from multimodal import config_lib, optim, trainer
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
 from multimodal.tasks import vlm
-
-TINY_CLIP = "configs/clip_shapes.py:variant=mu/8,text_variant=mu,steps=10,res=32,batch=32"
 
 
 def vlm_config(data_dir, clip_workdir, stage, steps, **overrides):
@@ -38,13 +36,6 @@ def vlm_config(data_dir, clip_workdir, stage, steps, **overrides):
     for key, value in overrides.items():
       config[key] = value
   return config
-
-
-@pytest.fixture(scope="module")
-def clip_workdir(data_dir, tmp_path_factory):
-  return trained_runs.ensure_trained(
-      TINY_CLIP, cache_root=str(tmp_path_factory.mktemp("clip")), data_dir=data_dir,
-      shapes_world=TINY_WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +93,11 @@ def test_loss_counts_answer_tokens_only(align_task):
   ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["text"][:, 1:]))
   weights = np.asarray(batch["mask_loss"][:, 1:])
   assert weights.sum() == sum(int(r["mask_loss"].numpy().sum()) for r in rows)
-  assert float(loss) == pytest.approx((ce * weights).sum() / weights.sum(), rel=1e-6)
+  # Each example weighs the same: the mean over its own answer tokens, so the
+  # one-word answer counts as much as the caption.
+  per_example = (ce * weights).sum(1) / weights.sum(1)
+  assert weights.sum(1)[0] != weights.sum(1)[1]
+  assert float(loss) == pytest.approx(per_example.mean(), rel=1e-6)
   # Prompt positions carry real (and large) errors that the loss leaves out.
   prompt_ce = ce[(weights == 0) & (np.asarray(batch["input_mask"][:, 1:]) == 1)]
   assert prompt_ce.size and abs(prompt_ce.mean() - float(loss)) > 1e-3
@@ -177,3 +172,79 @@ def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert "bad.png" in bad.stderr.strip().splitlines()[-1]
+
+
+# =========================================== the LM from a Hugging Face Llama
+
+
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory):
+  """A tiny random LlamaForCausalLM whose BPE tokenizer knows the world's words."""
+  hf_models = pytest.importorskip("hf_models")
+  rng = np.random.default_rng(0)
+  texts = []
+  for i in range(200):
+    objects = shapes_world._sample_objects(rng, "train")
+    questions, answers = shapes_world.make_questions(objects, rng)
+    texts += shapes_world.make_captions(objects, rng) + questions + answers
+  directory = tmp_path_factory.mktemp("llama")
+  model = hf_models.save_tiny_llama(str(directory), texts)
+  return str(directory), model
+
+
+def test_hf_llama_tokenizer_in_the_vlm_layout(hf_llama_dir):
+  """The Llama family lays out ids as transformers' tokenizer does (BOS
+  first); the VLM text keeps the prompt's BOS and no other."""
+  transformers = pytest.importorskip("transformers")
+  from multimodal.importers import hf_tokenizer
+  directory, _ = hf_llama_dir
+  tok = hf_tokenizer.load_hf_tokenizer(directory)
+  assert tok.family == "llama" and tok.pad_id == tok.eos_id
+  reference = transformers.AutoTokenizer.from_pretrained(directory)
+  prompt, answer = "what colour is the circle?", "red"
+  want = reference(prompt)["input_ids"]
+  assert want[0] == tok.bos_id
+  got = tok.encode([prompt], 32)[0]
+  np.testing.assert_array_equal(got[:len(want) + 1], want + [tok.eos_id])
+  out = preprocess.build("vlm_text(max_len=32)", tokenizer=tok)(
+      {"prompt": tf.constant(prompt), "answer": tf.constant(answer)})
+  text, mask_ar = out["text"].numpy(), out["mask_ar"].numpy()
+  answer_ids = reference(answer, add_special_tokens=False)["input_ids"]
+  n = len(want)
+  np.testing.assert_array_equal(text[:n + len(answer_ids) + 1], want + answer_ids + [tok.eos_id])
+  assert list(text).count(tok.bos_id) == 1 and mask_ar[:n].sum() == 0 and mask_ar[n] == 1
+  assert tok.decode_batch(text[None, n:])[0] == answer
+
+
+def test_tune_from_hf_llama(data_dir, clip_workdir, hf_llama_dir):
+  """--config.init.from_hf=DIR: the LM takes the checkpoint's architecture
+  and tokenizer; the tune stage starts from an align run (trained on first
+  use, from the HF weights, not from an "lm" stage) whose frozen LM is
+  exactly the imported one, and whose logits match transformers'."""
+  torch = pytest.importorskip("torch")
+  from multimodal.importers import hf_llama
+  directory, reference = hf_llama_dir
+  config = vlm_config(data_dir, clip_workdir, "tune", 2)
+  with config.unlocked():
+    config.init.from_hf = directory
+    config.init.lm.config = "configs/does_not_exist.py"  # Must not be needed.
+  task = vlm.VisionLanguageTask(config)
+  kwargs, imported = hf_llama.load_hf_llama(directory)
+  assert task.lm_kwargs == kwargs
+  assert task.tokenizer.vocab_size == reference.config.vocab_size
+  (what, aligned), = task.pretrained_params()
+  assert "aligned model" in what
+  for path, value in optim.param_paths(imported).items():
+    np.testing.assert_array_equal(optim.param_paths(aligned["llm"])[path], value, err_msg=path)
+  ids, _ = task.prompt_tokens(["is there a red circle?", "how many objects are there?"])
+  valid = ids != task.tokenizer.pad_id
+  lm = decoder.Decoder(**kwargs)
+  x = lm.apply({"params": aligned["llm"]}, jnp.asarray(ids), method="embed")
+  positions = jnp.cumsum(valid, -1) - 1
+  ours, _ = lm.apply({"params": aligned["llm"]}, x, positions=positions,
+                     mask=decoder.make_attention_mask(jnp.ones_like(ids), valid))
+  with torch.no_grad():
+    want = reference(torch.from_numpy(ids.astype(np.int64)),
+                     attention_mask=torch.from_numpy(valid.astype(np.int64))).logits.numpy()
+  err = np.abs(np.asarray(ours) - want)[valid].max() / np.abs(want[valid]).max()
+  assert err < 1e-4, err

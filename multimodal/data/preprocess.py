@@ -462,9 +462,14 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
   def layout(prompt, answer):
     p_ids = tokenizer.encode([prompt], max_len)[0]
     a_ids = tokenizer.encode([answer], max_len)[0]
-    # encode() ends each with EOS: drop it, then end the answer with one.
+    # encode() ends each with EOS: drop it, then end the answer with one. A
+    # tokenizer that starts sequences with BOS (Llama's) keeps the prompt's:
+    # the answer continues the same sequence.
     p_ids = p_ids[:np.argmax(p_ids == tokenizer.eos_id)][:max_len - 1]
     a_ids = a_ids[:np.argmax(a_ids == tokenizer.eos_id)]
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if bos_id is not None and len(a_ids) and a_ids[0] == bos_id:
+      a_ids = a_ids[1:]
     a_ids = np.concatenate([a_ids[:max_len - len(p_ids) - 1], [tokenizer.eos_id]])
     ids = np.concatenate([p_ids, a_ids]).astype(np.int32)
     n = len(ids)

@@ -1,4 +1,4 @@
-"""The tokenizer of a Hugging Face CLIP / SigLIP checkpoint, for our towers.
+"""The tokenizer of a Hugging Face CLIP / SigLIP / Llama checkpoint.
 
 Imported text towers pool at a position fixed by the special-token layout
 their tokenizer produced in training (CLIP: the EOS; SigLIP: the last of 64
@@ -9,6 +9,10 @@ positions), so ids must be laid out exactly as HF's tokenizer + processor do:
   SigLIP: tokens + [eos] (not added again when the text already ends with
           it, as SiglipTokenizer does), then pad_id, to max_len (the
           processor's padding="max_length", 64 in published models).
+  Llama:  [bos] + tokens + [eos], then pad_id (the eos when the checkpoint
+          names no pad token, as Llama's do not): LlamaTokenizer's bos, and
+          the eos that ends every sequence our decoder reads or writes (the
+          VLM's text layout keeps the prompt's bos and drops the answer's).
 
 Too-long texts lose content tokens, never the special ones (HF's
 truncation=True). The text itself is split by the directory's tokenizer.json
@@ -34,7 +38,10 @@ FAMILIES = {
                   pad_token="<|endoftext|>")),
     "siglip": (("SiglipTokenizer", "SiglipTokenizerFast"),
                dict(bos_token=None, eos_token="</s>", pad_token="</s>")),
+    "llama": (("LlamaTokenizer", "LlamaTokenizerFast"),
+              dict(bos_token="<s>", eos_token="</s>", pad_token=None)),
 }
+WITH_BOS = ("clip", "llama")
 
 
 class HFTokenizer:
@@ -60,14 +67,14 @@ class HFTokenizer:
     return self._eos_id
 
   def _layout(self, ids: list[int], max_len: int) -> list[int]:
-    if self.family == "clip":
+    if self.family in WITH_BOS:
       return [self.bos_id] + ids[:max_len - 2] + [self._eos_id]
     ids = ids[:max_len - 1]
     return ids if ids and ids[-1] == self._eos_id else ids + [self._eos_id]
 
   def encode(self, texts: Sequence[str] | str, max_len: int) -> np.ndarray:
     """Texts -> int32 [n, max_len] laid out as the module docstring says."""
-    need = 2 if self.family == "clip" else 1
+    need = 2 if self.family in WITH_BOS else 1
     if max_len < need:
       raise ValueError(f"max_len must be >= {need} (room for the special tokens), got {max_len}")
     if isinstance(texts, (str, bytes)):
@@ -90,6 +97,15 @@ class HFTokenizer:
       text = text.replace(suffix, " ").strip()
     return text
 
+  def decode_batch(self, ids: np.ndarray) -> list[str]:
+    """Row by row, each cut at its first EOS (generated rows continue with
+    padding, which need not be a special token)."""
+    rows = []
+    for row in np.asarray(ids):
+      row = list(row)
+      rows.append(self.decode(row[:row.index(self._eos_id)] if self._eos_id in row else row))
+    return rows
+
 
 def _read_json(path: str) -> dict:
   """The file's object, or {} when there is no such file (all are optional)."""
@@ -110,9 +126,9 @@ def _family(directory: str, tok_cfg: dict) -> str:
   if model_type in FAMILIES:
     return model_type
   raise WeightImportError(
-      f"cannot tell whether {directory} holds a CLIP or a SigLIP tokenizer "
+      f"cannot tell whether {directory} holds a CLIP, SigLIP or Llama tokenizer "
       f"(tokenizer_config.json tokenizer_class={cls!r}, config.json model_type="
-      f"{model_type!r}); pass family='clip' or 'siglip'.")
+      f"{model_type!r}); pass family= one of {sorted(FAMILIES)}.")
 
 
 def load_hf_tokenizer(directory: str, family: str | None = None) -> HFTokenizer:
@@ -142,8 +158,10 @@ def load_hf_tokenizer(directory: str, family: str | None = None) -> HFTokenizer:
   ids = {}
   for name, default in FAMILIES[family][1].items():
     token = _token_str(tok_cfg.get(name, default))
-    if name == "bos_token" and family != "clip":
+    if name == "bos_token" and family not in WITH_BOS:
       continue
+    if name == "pad_token" and token is None:
+      token = _token_str(tok_cfg.get("eos_token", FAMILIES[family][1]["eos_token"]))
     ids[name] = tok.token_to_id(token) if token is not None else None
     if ids[name] is None:
       raise WeightImportError(

@@ -12,6 +12,11 @@
 Each stage is an ordinary run; a stage's config names the runs it starts
 from (`config.init`), which are trained on first use and cached
 (trained_runs), so `./launch.sh run configs/vlm_shapes.py` runs them all.
+
+`config.init.from_hf=DIR` takes the LM from a local Hugging Face
+LlamaForCausalLM instead (config.json, safetensors and tokenizer.json): its
+architecture replaces `config.model.lm`, its tokenizer the world's, and stage
+"align" reads its weights in place of an "lm" stage run.
 """
 from __future__ import annotations
 
@@ -25,22 +30,12 @@ import optax
 from multimodal import config_lib, sharding, trained_runs, trainer
 from multimodal.data import preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import captioning, vqa
+from multimodal.importers import hf_llama, hf_tokenizer, safetensors_io
 from multimodal.models import decoder, decoding, vlm
 from multimodal.tasks import base
 
 STAGES = ("lm", "align", "tune")
 TOKENIZER_TRAINING_EXAMPLES = 20_000
-
-
-def resolve_run(run_config, *, data_dir: str, run_data_dir, shapes_world,
-                overrides=None) -> str:
-  """`run_config.workdir`, or a cached run of `run_config.config` trained on
-  first use into <data_dir>/trained_runs/."""
-  if run_config.get("workdir"):
-    return run_config.workdir
-  return trained_runs.ensure_trained(
-      run_config.config, cache_root=os.path.join(data_dir, "trained_runs"),
-      data_dir=run_data_dir, shapes_world=shapes_world, overrides=overrides)
 
 
 class VisionLanguageTask(base.Task):
@@ -51,6 +46,7 @@ class VisionLanguageTask(base.Task):
     if config.stage not in STAGES:
       raise config_lib.ConfigError(f"config.stage={config.stage!r} is not one of {STAGES}.")
     self.text_only = config.stage == "lm"
+    self.hf_lm = config.get("init", {}).get("from_hf")
     self.tokenizer = self._tokenizer()
     self.max_len = config.input.max_len
     self.vision_workdir = None
@@ -60,28 +56,38 @@ class VisionLanguageTask(base.Task):
       vision_config = config_lib.load_workdir_config(self.vision_workdir)
       image = vision_config.model.image.to_dict()
       self.image_size = vision_config.input.image_size
-    self.lm_kwargs = {**config.model.lm.to_dict(), "vocab_size": self.tokenizer.vocab_size}
+    if self.hf_lm:  # The checkpoint's architecture, whatever model.lm says.
+      hf_config = safetensors_io.read_json_object(os.path.join(self.hf_lm, "config.json"))
+      self.lm_kwargs = hf_llama.decoder_kwargs_from_config(hf_config)
+    else:
+      self.lm_kwargs = {**config.model.lm.to_dict(), "vocab_size": self.tokenizer.vocab_size}
+    if image is not None:
+      image = {**image, "remat": self.remat}
     self.model = vlm.VisionLanguageModel(
-        image=image, lm=self.lm_kwargs, projector_type=config.model.projector,
+        image=image, lm={**self.lm_kwargs, "remat": self.remat},
+        projector_type=config.model.projector,
         vision_layer=config.model.vision_layer, causal=config.model.causal,
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     self.decoder = decoder.Decoder(**self.lm_kwargs)
 
   def _resolve(self, run_config, overrides=None) -> str:
-    return resolve_run(run_config, data_dir=self.source.data_dir,
-                       run_data_dir=self.config.input.get("data_dir"),
-                       shapes_world=self.config.input.get("shapes_world"),
-                       overrides=overrides)
+    return trained_runs.resolve(
+        run_config, cache_root=os.path.join(self.source.data_dir, "trained_runs"),
+        data_dir=self.config.input.get("data_dir"),
+        shapes_world=self.config.input.get("shapes_world"), overrides=overrides)
 
   def _resolve_stage(self, run_config) -> str:
-    """An earlier stage's run, with this run's vision tower."""
+    """An earlier stage's run, with this run's vision tower and HF LM."""
     vision = self.config.model.vision
     return self._resolve(run_config, {"model.vision.workdir": self.vision_workdir,
-                                      "model.vision.config": vision.config})
+                                      "model.vision.config": vision.config,
+                                      "init.from_hf": self.hf_lm})
 
   def _tokenizer(self):
     """One SentencePiece model over captions, questions and answers, shared
     by every stage (they must agree on ids)."""
+    if self.hf_lm:
+      return hf_tokenizer.load_hf_tokenizer(self.hf_lm, family="llama")
     cfg = self.config.input.tokenizer
 
     def texts():
@@ -122,7 +128,11 @@ class VisionLanguageTask(base.Task):
     targets = text[:, 1:]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     weights = weights.astype(jnp.float32)
-    loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    # Each example's mean over its target tokens, then the batch mean (as in
+    # big_vision's PaliGemma trainer): a one-word answer counts as much as a
+    # 20-token caption, so captions do not drown out the questions.
+    per_example = jnp.sum(ce * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
+    loss = jnp.sum(per_example) / jnp.maximum(jnp.sum(jnp.any(weights > 0, -1)), 1.0)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return loss, {"token_accuracy": accuracy}
@@ -130,12 +140,16 @@ class VisionLanguageTask(base.Task):
   def pretrained_params(self):
     init = self.config.get("init", {})
     result = []
+    if self.hf_lm and self.config.stage in ("lm", "align"):
+      _, lm = hf_llama.load_hf_llama(self.hf_lm)
+      result.append((f"the Hugging Face Llama in {self.hf_lm}", {"llm": lm}))
     if self.config.stage == "align":
       vision = trainer_params(self.vision_workdir)["img"]
       vision = {k: v for k, v in vision.items() if k not in ("head", "MAPHead_0")}
       result.append((f"the vision tower of the run {self.vision_workdir}", {"img": vision}))
-      lm_dir = self._resolve(init.lm)
-      result.append((f"the LM of the run {lm_dir}", {"llm": trainer_params(lm_dir)["llm"]}))
+      if not self.hf_lm:
+        lm_dir = self._resolve(init.lm)
+        result.append((f"the LM of the run {lm_dir}", {"llm": trainer_params(lm_dir)["llm"]}))
     elif self.config.stage == "tune":
       run_dir = self._resolve_stage(init.run)
       result.append((f"the aligned model of the run {run_dir}", trainer_params(run_dir)))
