@@ -3,6 +3,8 @@
 # whenever pyproject.toml changes), then dispatches to a program in experiments/.
 #
 #   ./launch.sh run  [CONFIG[:ARGS]] [--workdir DIR] [--config.KEY=VALUE ...]
+#                    [--procs N [--devices-per-proc K] | --slurm --nodes N [--gpus-per-node G] | --tpu NAME --zone Z] [--dry-run]
+#   ./launch.sh sweep CONFIG[:ARGS] [--config.KEY=VALUE ...] [--parallel K | --slurm [--dry-run]] [--collect]
 #   ./launch.sh eval --workdir DIR
 #   ./launch.sh eval (--workdir DIR | --hf PATH) --benchmarks cifar10,folder:PATH,captions:FILE [--tasks ...]
 #   ./launch.sh embed (--workdir DIR | --hf PATH) [--images FOLDER] [--texts FILE] --out FILE.npz
@@ -38,6 +40,8 @@ cmd="${1:-run}"
 case "$cmd" in
   run)
     exec "$py" -m experiments.train "$@" ;;
+  sweep)
+    exec "$py" -m experiments.sweep "$@" ;;
   eval)
     exec "$py" -m experiments.evaluate "$@" ;;
   sample)
@@ -57,8 +61,8 @@ case "$cmd" in
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
     exec "$py" -m pytest "$@" ;;
   -h|--help|help)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    echo "launch.sh: unknown command '$cmd'. Commands: run, eval, sample, embed, search, ask, caption, bench, test." >&2
+    echo "launch.sh: unknown command '$cmd'. Commands: run, sweep, eval, sample, embed, search, ask, caption, bench, test." >&2
     exit 2 ;;
 esac

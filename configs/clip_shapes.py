@@ -3,6 +3,7 @@ r"""A small CLIP trained from scratch on the shapes world: the embedded default.
   ./launch.sh run                                   # this config
   ./launch.sh run configs/clip_shapes.py:variant=S/8,steps=3000
   ./launch.sh run configs/clip_shapes.py --config.lr=3e-4 --config.input.batch_size=128
+  ./launch.sh sweep configs/clip_shapes.py          # lr in 1e-3, 3e-3, 1e-2 (get_sweep)
 
 It trains on the 2-core CPU in minutes and reaches zero-shot shape and colour
 accuracy above 0.9 (chance 0.125); the README gives the measured numbers.
@@ -62,6 +63,12 @@ def get_config(arg=None):
     c.model.bias_init = -10.0
 
   c.compute_dtype = "float32"
+  # Memory for time: microbatches per step (accumulate.py) and which block
+  # activations the backward pass recomputes (layers.REMAT_POLICIES).
+  c.grad_accum_steps = 1
+  c.remat = "none"
+  # "ring" (sigmoid loss only): the loss without the global [B, B] logits.
+  c.loss_impl = "dense"
   # Many small steps beat fewer large ones here: at a fixed time budget,
   # batch 64 x 2400 steps learnt shape to 0.85 where 128 x 1200 reached 0.49.
   c.lr = 3e-3
@@ -74,7 +81,7 @@ def get_config(arg=None):
   # (e.g. 0.999); None keeps none.
   c.ema_decay = config_dict.placeholder(float)
 
-  c.mesh = dict(data=-1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # e.g. --config.mesh.fsdp=8
   c.log_steps = 50
   c.ckpt_steps = 500
   c.keep_ckpts = 2
@@ -94,3 +101,19 @@ def get_config(arg=None):
       pp=image_pp + f'|tokenize(max_len={MAX_TEXT_LEN}, inkey="captions", '
       'outkey="caption_tokens")|keep("image", "caption_tokens")')
   return c
+
+
+def get_sweep(arg=None):
+  """`./launch.sh sweep configs/clip_shapes.py`: the learning rate, 3 points.
+
+  `--sweep_args=lrs=1e-3/3e-3` sweeps other values ("/" between them).
+  """
+  arg = config_lib.parse_arg(arg, lrs=None)
+  text = "1e-3/3e-3/1e-2" if arg.lrs is None else str(arg.lrs)
+  try:
+    lrs = [float(v) for v in text.split("/")]
+  except ValueError:
+    raise config_lib.ConfigError(
+        f"sweep argument lrs={text!r}: give learning rates separated by '/', "
+        "e.g. lrs=1e-3/3e-3/1e-2.") from None
+  return {"lr": lrs}

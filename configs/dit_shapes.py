@@ -87,6 +87,10 @@ def get_config(arg=None):
 
   c.freeze = "text_encoder/.*"  # Matches nothing in cond=class.
   c.compute_dtype = "float32"
+  # Memory for time: microbatches per step (accumulate.py) and which block
+  # activations the backward pass recomputes (layers.REMAT_POLICIES).
+  c.grad_accum_steps = 1
+  c.remat = "none"
   c.lr = 1e-3
   c.wd = 0.0
   c.wd_mask = r".*/kernel"
@@ -94,7 +98,7 @@ def get_config(arg=None):
   c.schedule = dict(warmup_steps=200, decay_type="cosine", min_lr_ratio=0.0)
   c.ema_decay = 0.999
 
-  c.mesh = dict(data=-1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # e.g. --config.mesh.fsdp=8
   c.log_steps = 50
   c.ckpt_steps = 1000
   c.keep_ckpts = 2

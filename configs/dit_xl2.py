@@ -97,6 +97,10 @@ def get_config(arg=None):
   # then the result is no longer the paper's recipe.
   c.freeze = config_dict.placeholder(str)  # Nothing frozen (a regex over param paths).
   c.compute_dtype = "float32"
+  # Memory for time: microbatches per step (accumulate.py) and which block
+  # activations the backward pass recomputes (layers.REMAT_POLICIES).
+  c.grad_accum_steps = 1
+  c.remat = "none"
   c.lr = 1e-4
   c.wd = 0.0
   c.wd_mask = r".*/kernel"  # Moot at wd=0; kept so --config.wd=... decays kernels only.
@@ -110,8 +114,8 @@ def get_config(arg=None):
   # Pure data parallelism over every device, as DiT (DDP). XL/2 is 675M
   # params: fp32 params + AdamW state + EMA are ~11 GB per replica; on
   # accelerators with less memory shard them with FSDP, e.g.
-  # --config.mesh='{"data": -1, "fsdp": 8}'.
-  c.mesh = dict(data=-1)
+  # --config.mesh.fsdp=8 (and data=-1 takes the other devices).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.log_steps = 100  # DiT's --log-every.
   c.ckpt_steps = 50_000  # DiT's --ckpt-every.
   c.keep_ckpts = 2

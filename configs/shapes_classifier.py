@@ -49,6 +49,10 @@ def get_config(arg=None):
   c.model.heads = dict(shape=len(shapes_world.SHAPES), colour=len(shapes_world.COLOURS))
 
   c.compute_dtype = "float32"
+  # Memory for time: microbatches per step (accumulate.py) and which block
+  # activations the backward pass recomputes (layers.REMAT_POLICIES).
+  c.grad_accum_steps = 1
+  c.remat = "none"
   c.lr = 3e-3
   c.wd = 1e-4
   c.wd_mask = r".*/kernel"
@@ -56,7 +60,7 @@ def get_config(arg=None):
   c.schedule = dict(warmup_steps=100, decay_type="cosine", min_lr_ratio=0.0)
   c.ema_decay = config_dict.placeholder(float)
 
-  c.mesh = dict(data=-1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # e.g. --config.mesh.fsdp=8
   c.log_steps = 50
   c.ckpt_steps = 500
   c.keep_ckpts = 1

@@ -1,26 +1,52 @@
 """`./launch.sh run [CONFIG[:ARGS]] [--workdir DIR] [--config.KEY=VALUE ...]`.
 
 Trains config.task with the generic trainer, then prints the results table.
+With --procs, --slurm or --tpu (experiments/launcher.py) it instead fans the
+same command out to the processes of a multi-process job; each of those joins
+the job through multimodal/distributed.py before anything else uses JAX.
 """
 from __future__ import annotations
 
 import sys
 
 from experiments import cli
+from experiments.common import fail
 
 
 def main(argv: list[str]) -> None:
+  from experiments import launcher
+  from multimodal import distributed
+  try:
+    launch_options, argv = launcher.split_args(argv)
+    launch = launcher.validate(launch_options) if launch_options else None
+  except launcher.LaunchError as e:
+    fail(str(e))
   cli.parse_flags(argv)
+  if launch is not None:
+    # Every process and node must agree on the workdir: fix it once, here.
+    workdir = cli.WORKDIR.value or cli.default_workdir()
+    try:
+      sys.exit(launcher.launch(launch, argv, workdir))
+    except launcher.LaunchError as e:
+      fail(str(e))
+  try:
+    distributed.initialize()
+  except distributed.DistributedError as e:
+    fail(str(e))
   # Heavy imports after the flags: a typo in a key fails in a second.
+  import jax
   from multimodal import tasks, trainer, report
   config = cli.CONFIG.value
-  workdir = cli.WORKDIR.value or cli.default_workdir()
-  print(f"Workdir: {workdir}")
+  workdir = distributed.agree(cli.WORKDIR.value or cli.default_workdir())
+  main_process = jax.process_index() == 0
+  if main_process:
+    print(f"Workdir: {workdir}")
   task = tasks.get(config.task)(config)
   summary = trainer.train(task, config, workdir)
-  print(f"\nResults after {summary['step']} steps "
-        f"({summary['wall_time_seconds']:.0f} s), saved to {workdir}/results.json:")
-  print(report.results_table(summary["metrics"]))
+  if main_process:
+    print(f"\nResults after {summary['step']} steps "
+          f"({summary['wall_time_seconds']:.0f} s), saved to {workdir}/results.json:")
+    print(report.results_table(summary["metrics"]))
 
 
 if __name__ == "__main__":

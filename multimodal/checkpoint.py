@@ -17,12 +17,23 @@ class CheckpointError(RuntimeError):
 
 def manager(workdir: str, *, save_interval_steps: int = 1, keep: int = 2,
             read_only: bool = False) -> ocp.CheckpointManager:
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  processes = None
+  if jax.process_count() > 1:
+    # Every process saves its shards jointly. Orbax's barriers then go through
+    # the distributed runtime, not device collectives: it runs some from its
+    # background thread, where a collective could pair up with a train
+    # step's on another process. (Orbax cannot create the directory then.)
+    processes = set(range(jax.process_count()))
+    if not read_only:
+      os.makedirs(directory, exist_ok=True)
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_interval_steps, max_to_keep=keep, create=True,
-      enable_async_checkpointing=True, read_only=read_only)
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-      item_names=("state", "data"))
+      save_interval_steps=save_interval_steps, max_to_keep=keep,
+      create=processes is None, enable_async_checkpointing=True,
+      read_only=read_only, multiprocessing_options=ocp.options.MultiprocessingOptions(
+          active_processes=processes))
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=("state", "data"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_position: dict,

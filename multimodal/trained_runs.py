@@ -51,3 +51,14 @@ def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
           "later runs reuse it).")
     trainer.train(tasks.get(config.task)(config), config, workdir)
   return workdir
+
+
+def resolve(run, *, cache_root: str, data_dir: str | None, shapes_world: dict | None,
+            overrides: dict | None = None) -> str:
+  """A config's reference to another run, {"workdir", "config"}: the given
+  workdir, or else a cached run of `config` trained on first use into
+  `cache_root` (see ensure_trained for the other arguments)."""
+  if run.get("workdir"):
+    return run.workdir
+  return ensure_trained(run.config, cache_root=cache_root, data_dir=data_dir,
+                        shapes_world=shapes_world, overrides=overrides)

@@ -7,6 +7,7 @@ It knows nothing of any model: all of that is behind the task's interface.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from tqdm import tqdm
@@ -36,6 +38,30 @@ def ema_decay(config) -> float | None:
     raise config_lib.ConfigError(
         f"config.ema_decay={decay} must be in [0, 1) (e.g. 0.9999), or None.")
   return decay
+
+
+def grad_accum_steps(config) -> int:
+  """`config.grad_accum_steps`: microbatches per step (see accumulate.py)."""
+  k = config.get("grad_accum_steps") or 1
+  if not isinstance(k, int) or k < 1:
+    raise config_lib.ConfigError(
+        f"config.grad_accum_steps={k!r} must be a positive int (1: no accumulation).")
+  return k
+
+
+def params_sha256(params) -> str:
+  """SHA-256 over every parameter's path, dtype, shape and bytes, in sorted
+  path order: equal digests mean bit-identical parameters, so two runs can be
+  compared without opening a checkpoint."""
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256()
+  for path, value in sorted(optim.param_paths(params).items()):
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+      value = multihost_utils.process_allgather(value, tiled=True)
+    array = np.ascontiguousarray(jax.device_get(value))
+    digest.update(f"{path}:{array.dtype}:{array.shape}:".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
 
 
 def eval_params(state: dict):
@@ -70,10 +96,10 @@ def create_train_state(task, config, mesh, total_steps: int):
   return (lambda: init_fn(rng)), state_shardings, tx, schedule
 
 
-def with_pretrained(task, state: dict, state_shardings: dict) -> dict:
-  """A fresh state with the task's pretrained weights (if any) put in, in
-  the params and in their moving average alike."""
-  for what, weights in task.pretrained_params():
+def with_pretrained(pretrained_params, state: dict, state_shardings: dict) -> dict:
+  """A fresh state with a task's pretrained weights ((what, tree) pairs)
+  put in, in the params and in their moving average alike."""
+  for what, weights in pretrained_params:
     print(f"Initialising from {what}.")
     for key in ("params", "ema_params"):
       if key in state:
@@ -81,13 +107,18 @@ def with_pretrained(task, state: dict, state_shardings: dict) -> dict:
   return state
 
 
-def make_train_step(task, config, tx, schedule, state_shardings, mesh):
-  base_rng = jax.random.key(config.seed + 1)
+def step_rng(config, step):
+  """The randomness of train step `step`: a function of the seed and the
+  step alone, so a resumed run draws what the uninterrupted one did."""
+  return jax.random.fold_in(jax.random.key(config.seed + 1), step)
 
+
+def make_train_step(task, config, tx, schedule, state_shardings, mesh):
   def train_step(state, batch):
-    rng = jax.random.fold_in(base_rng, state["step"])
-    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-        state["params"], batch, rng)
+    rng = step_rng(config, state["step"])
+    batch = task.random_draws(batch, rng)
+    (loss, metrics), grads = task.loss_and_grads(
+        state["params"], batch, rng, grad_accum_steps(config))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -144,6 +175,12 @@ def train(task, config, workdir: str) -> dict:
         f"config.input.batch_size={global_batch} must be divisible by the "
         f"{sharding.data_parallel_size(mesh)} data-parallel devices of "
         f"config.mesh={dict(config.mesh)}.")
+  micro = grad_accum_steps(config)
+  if global_batch % (micro * sharding.data_parallel_size(mesh)):
+    raise config_lib.ConfigError(
+        f"config.input.batch_size={global_batch} must be divisible by "
+        f"config.grad_accum_steps={micro} x the {sharding.data_parallel_size(mesh)} "
+        "data-parallel devices, so that every microbatch spans every device.")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
@@ -154,14 +191,19 @@ def train(task, config, workdir: str) -> dict:
     train_step = make_train_step(task, config, tx, schedule, state_shardings, mesh)
     mngr = checkpoint.manager(workdir, save_interval_steps=config.ckpt_steps,
                               keep=config.get("keep_ckpts", 2))
-    if mngr.latest_step() is not None:
+    resuming = mngr.latest_step() is not None
+    if resuming:
       abstract = checkpoint.abstract_like(
           jax.eval_shape(init_fn), state_shardings)
       state, data_position = checkpoint.restore(mngr, abstract)
       print(f"Resuming from step {int(state['step'])} of {mngr.directory}.")
-    else:
-      state = with_pretrained(task, init_fn(), state_shardings)
-      data_position = {"examples_per_process": 0}
+  if not resuming:
+    # Read outside the mesh context: importers trace their own shapes, and
+    # an earlier stage may first have to be trained, under its own mesh.
+    weights = list(task.pretrained_params())
+    with sharding.mesh_context(mesh):
+      state = with_pretrained(weights, init_fn(), state_shardings)
+    data_position = {"examples_per_process": 0}
   start_step = int(state["step"])
   local_batch = global_batch // jax.process_count()
 
@@ -170,7 +212,8 @@ def train(task, config, workdir: str) -> dict:
   ds = task.train_dataset(
       start_example=data_position["examples_per_process"],
       local_batch_size=local_batch, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      shards=pipeline.Shards.of(sharding.batch_sharding(mesh)))
   batches = pipeline.iterate_global(ds, sharding.batch_sharding(mesh),
                                     what=f"{config.input.data}[{config.input.split}]")
   log_every = config.get("log_steps", 50)
@@ -203,6 +246,7 @@ def train(task, config, workdir: str) -> dict:
   writer.close()
   summary = {"step": step, "total_steps": total_steps,
              "wall_time_seconds": round(time.time() - start_time, 1),
+             "params_sha256": params_sha256(state["params"]),
              "metrics": results}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -51,6 +51,20 @@ def clip_task(data_dir):
   return clip.ContrastiveTask(tiny_clip_config(data_dir))
 
 
+@pytest.fixture(scope="session")
+def clip_workdir(data_dir, tmp_path_factory):
+  """A tiny CLIP run (10 steps, no evals): a vision tower for the VLM and a
+  text encoder for the text-conditioned DiT."""
+  from multimodal import trainer
+  from multimodal.tasks import clip
+  config = tiny_clip_config(data_dir, total_steps=10)
+  for name in list(config.evals):
+    del config.evals[name]
+  workdir = str(tmp_path_factory.mktemp("clip"))
+  trainer.train(clip.ContrastiveTask(config), config, workdir)
+  return workdir
+
+
 def assert_logically_partitioned(params):
   """Every param leaf is a float32 nn.LogicallyPartitioned whose names are
   known logical axes, one per dimension and none repeated."""

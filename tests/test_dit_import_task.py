@@ -61,9 +61,10 @@ def test_imported_weights_are_the_initial_params_and_ema(data_dir, diffusers_dir
   assert task.model.t_freq_shift == 1.0  # diffusers' timestep frequencies.
   _, imported = diffusers_dit.load_dit(diffusers_dirs[0])
   mesh = sharding.make_mesh({"data": -1})
+  weights = list(task.pretrained_params())
   with sharding.mesh_context(mesh):
     init_fn, shardings, _, _ = trainer.create_train_state(task, config, mesh, 3)
-    state = trainer.with_pretrained(task, init_fn(), shardings)
+    state = trainer.with_pretrained(weights, init_fn(), shardings)
   for key in ("params", "ema_params"):
     got = jax.tree_util.tree_leaves_with_path(state[key])
     want = dict(jax.tree_util.tree_leaves_with_path(imported))

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import E2E_WORLD, ROOT
+from multimodal import trainer
 
 
 @pytest.mark.slow
@@ -21,7 +22,11 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
     assert (workdir / name).exists(), name
   assert (workdir / "checkpoints" / "1800").is_dir()
   assert any((workdir / "tensorboard").iterdir())
-  results = json.loads((workdir / "results.json").read_text())["metrics"]
+  summary = json.loads((workdir / "results.json").read_text())
+  results = summary["metrics"]
+  # The digest names the checkpoint's final parameters.
+  from multimodal.tasks import vlm
+  assert summary["params_sha256"] == trainer.params_sha256(vlm.trainer_params(str(workdir)))
   chance = 1 / 8
   assert results["zero_shot_shape/acc1"] > 3 * chance, results
   assert results["zero_shot_colour/acc1"] > 3 * chance, results

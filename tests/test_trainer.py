@@ -176,3 +176,17 @@ def test_bfloat16_compute_keeps_float32_params(clip_task):
   assert np.isfinite(metrics["loss"])
   # Same init and batch: bf16 activations change the loss only by rounding.
   np.testing.assert_allclose(metrics["loss"], metrics_f32["loss"], rtol=0.05)
+
+
+def test_params_sha256_digests_every_array_in_path_order():
+  import hashlib
+  params = {"b": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+            "a": {"bias": np.ones(3, np.float32)}}
+  want = hashlib.sha256()
+  for path, array in (("a/bias", params["a"]["bias"]), ("b/kernel", params["b"]["kernel"])):
+    want.update(f"{path}:{array.dtype}:{array.shape}:".encode())
+    want.update(array.tobytes())
+  assert trainer.params_sha256(params) == want.hexdigest()
+  assert trainer.params_sha256({"a": params["a"], "b": params["b"]}) == want.hexdigest()
+  nudged = {"a": {"bias": np.nextafter(params["a"]["bias"], 2)}, "b": params["b"]}
+  assert trainer.params_sha256(nudged) != want.hexdigest()

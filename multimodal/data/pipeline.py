@@ -6,8 +6,10 @@ in the same order as an uninterrupted run.
 """
 from __future__ import annotations
 
-import threading
+import dataclasses
+import math
 import queue
+import threading
 from collections.abc import Callable, Iterator
 
 import jax
@@ -36,26 +38,75 @@ def is_single_object(example) -> tf.Tensor:
   return tf.equal(example["num_objects"], 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Shards:
+  """Which blocks of rows of the global batch this process feeds.
+
+  The global batch is `count` equal blocks of rows, block d always filled
+  from its own stream (shard d of the split). The trainer makes one block per
+  data-parallel device, so the global batches, and hence the trained
+  parameters, depend on the mesh but not on how many processes share it.
+  """
+  indices: tuple[int, ...]  # This process's blocks, in row order.
+  count: int
+
+  @classmethod
+  def of(cls, batch_sharding) -> "Shards":
+    """The blocks a batch sharding gives this process's devices: the rows
+    that jax.make_array_from_process_local_data expects from it."""
+    count = math.prod(batch_sharding.mesh.shape[a] for a in
+                      _flat_axes(batch_sharding.spec[0]))
+    rows = batch_sharding.addressable_devices_indices_map((count,))
+    return cls(tuple(sorted({index[0].start or 0 for index in rows.values()})), count)
+
+
+def _flat_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
 def train_dataset(source: Source, *, split: str, pp_fn: Callable,
                   local_batch_size: int, seed: int, start_example: int = 0,
                   shuffle_buffer: int = 10_000, process_index: int = 0,
-                  process_count: int = 1,
-                  filter_fn: Callable | None = None) -> tf.data.Dataset:
+                  process_count: int = 1, filter_fn: Callable | None = None,
+                  shards: Shards | None = None) -> tf.data.Dataset:
   """An infinite, shuffled, batched stream of this process's examples.
 
+  Each of this process's `shards` (default: one per process) reads its own
+  share of the split, shuffled with its own seed; a local batch is their
+  blocks of rows side by side. `shuffle_buffer` is shared among all shards.
   `start_example` counts this process's examples already consumed; they are
   skipped before any decoding, so resuming costs a file read, not a pp pass.
   `filter_fn` drops raw examples before the shuffle, so the kept stream (and
   the count `start_example` refers to) is deterministic too.
   """
-  ds = source.read(split, process_index=process_index,
-                   process_count=process_count)
-  if filter_fn is not None:
-    ds = ds.filter(filter_fn)
-  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + process_index,
-                           reshuffle_each_iteration=True)
-  ds = ds.enumerate().map(_with_example_seed(seed))
-  ds = ds.skip(start_example)
+  shards = shards or Shards((process_index,), process_count)
+  if local_batch_size % len(shards.indices):
+    raise ValueError(f"local batch size {local_batch_size} does not split into "
+                     f"{len(shards.indices)} equal blocks of rows.")
+  rows = local_batch_size // len(shards.indices)
+  global_batch = rows * shards.count
+
+  def stream(shard):
+    ds = source.read(split, process_index=shard, process_count=shards.count)
+    if filter_fn is not None:
+      ds = ds.filter(filter_fn)
+    ds = ds.repeat().shuffle(max(1, shuffle_buffer // shards.count),
+                             seed=seed + shard, reshuffle_each_iteration=True)
+    # Each example's RNG seed is its position in the global stream.
+    ds = ds.enumerate().map(lambda i, example: (
+        i // rows * global_batch + shard * rows + i % rows, example))
+    ds = ds.map(_with_example_seed(seed))
+    return ds.skip(start_example // len(shards.indices))
+
+  streams = [stream(shard) for shard in shards.indices]
+  if len(streams) == 1:
+    ds = streams[0]
+  else:
+    order = tf.data.Dataset.range(len(streams)).flat_map(
+        lambda s: tf.data.Dataset.from_tensors(s).repeat(rows))
+    ds = tf.data.Dataset.choose_from_datasets(streams, order.repeat())
   ds = ds.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
@@ -68,16 +119,33 @@ def eval_dataset(source: Source, *, split: str, pp_fn: Callable,
 
   Padding (rather than dropping the remainder) keeps every example in the
   metric while every batch keeps the one static shape jit compiled for.
+  With several processes, every one yields as many batches as the one with
+  the most examples (a filter keeps different counts of different shares),
+  padding with fully masked batches: a global batch is assembled from all.
   """
-  ds = source.read(split, process_index=process_index,
-                   process_count=process_count)
-  if filter_fn is not None:
-    ds = ds.filter(filter_fn)
-  ds = ds.enumerate().map(_with_example_seed(0))
-  ds = ds.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.map(lambda ex: {**ex, "_mask": tf.constant(True)})
-  ds = ds.batch(local_batch_size, drop_remainder=False)
-  ds = ds.map(lambda batch: _pad_batch(batch, local_batch_size))
+  raw = source.read(split, process_index=process_index,
+                    process_count=process_count)
+  ds = raw if filter_fn is None else raw.filter(filter_fn)
+  num_batches = None
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    count = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+    most = int(np.max(multihost_utils.process_allgather(np.int64(count))))
+    num_batches = max(1, -(-most // local_batch_size))
+
+  def prepare(ds, real):
+    ds = ds.enumerate().map(_with_example_seed(0))
+    ds = ds.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.map(lambda ex: {**ex, "_mask": tf.constant(real)})
+
+  if num_batches is None:
+    ds = prepare(ds, True).batch(local_batch_size, drop_remainder=False)
+    ds = ds.map(lambda batch: _pad_batch(batch, local_batch_size))
+  else:  # Masked copies of this share's first example fill the batches up.
+    filler = prepare((ds if count else raw).take(1), False).cache().repeat()
+    ds = prepare(ds, True).concatenate(filler)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    ds = ds.take(num_batches)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -66,11 +66,11 @@ class Source:
       return _listing_dataset(self.listing(split), process_index, process_count)
     if self.builder is None:
       files = self.files[process_index::process_count]
-      if not files:
-        raise errors.DataError(
-            f"{self.name}: {len(self.files)} shard files cannot feed "
-            f"{process_count} processes; write at least one shard per process.")
-      ds = tf.data.TFRecordDataset(list(files))
+      if files:
+        ds = tf.data.TFRecordDataset(list(files))
+      else:  # Fewer files than readers: each reads every n-th record of all.
+        ds = tf.data.TFRecordDataset(list(self.files)).shard(
+            process_count, process_index)
       return ds.map(_parse_img2dataset_record)
     self._check_split(split)
     share = tfds.even_splits(split, n=process_count, drop_remainder=True)

@@ -288,6 +288,7 @@ class Decoder(nn.Module):
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
+  remat: bool | str = False  # A layers.REMAT_POLICIES name (True = "full").
   dtype: Dtype = jnp.float32
 
   def _config(self) -> dict:
@@ -300,9 +301,11 @@ class Decoder(nn.Module):
     self.embedding = self.param(
         "embedding", layers.partitioned(nn.linear.default_embed_init, ("vocab", "embed")),
         (self.vocab_size, cfg["width"]), jnp.float32)
+    # (self, x, positions, mask, cache, cache_index, layer): `layer` is an int.
+    block_cls = layers.remat(DecoderBlock, self.remat, static_argnums=(6,))
     self.layers = [
-        DecoderBlock(cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["mlp_dim"],
-                     self.rope_theta, self.norm_eps, self.dtype)
+        block_cls(cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["mlp_dim"],
+                  self.rope_theta, self.norm_eps, self.dtype)
         for _ in range(cfg["depth"])]
     self.final_norm = RMSNorm(self.norm_eps, self.dtype)
     if not self.tie_embeddings:

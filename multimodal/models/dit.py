@@ -201,7 +201,9 @@ class TimestepEmbedder(nn.Module):
     f = timestep_embedding(t, self.frequency_embedding_size, self.max_period, self.freq_shift)
     # DiT initialises both layers N(0, 0.02) (not xavier).
     init = nn.initializers.normal(stddev=0.02)
-    x = _dense(self.width, (None, "mlp"), self.dtype, "linear_1", init)(f)
+    # The frequency axis is named "embed" only so that FSDP splits this
+    # (256, width) kernel too (it is an input-feature axis like embed).
+    x = _dense(self.width, ("embed", "mlp"), self.dtype, "linear_1", init)(f)
     x = nn.silu(x)
     return _dense(self.width, ("mlp", "embed"), self.dtype, "linear_2", init)(x)
 
@@ -431,7 +433,7 @@ class DiT(nn.Module):
   text_token_dim: int | None = None
   t_freq_shift: float = 0.0
   cond_rng_collection: str = "dropout"
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   def _config(self) -> dict:
@@ -504,7 +506,7 @@ class DiT(nn.Module):
     elif text_tokens is not None or text_mask is not None:
       raise ValueError("text_tokens given but cross_attention=False")
 
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    block_cls = layers.remat(DiTBlock, self.remat)
     for i in range(cfg["depth"]):
       x = block_cls(cfg["num_heads"], self.mlp_ratio, self.dtype, name=f"blocks_{i}")(
           x, c, context, context_mask)

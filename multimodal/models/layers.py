@@ -256,29 +256,61 @@ class EncoderBlock(nn.Module):
     return nn.with_logical_constraint(x + y, RESIDUAL)
 
 
+# Rematerialisation (activation checkpointing) per block, by name. What a
+# block keeps for the backward pass: "none" everything (no remat); "full"
+# only its input (recomputes the whole block: least memory); "dots" its
+# matmul outputs (recomputes norms, activations and softmax: most of the
+# saving for a fraction of the recompute); "dots_no_batch" only the matmuls
+# without batch dimensions (the weight matmuls, not attention's).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+  """True/False (the older boolean fields) -> "full"/"none"; names checked."""
+  name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: use one of {sorted(REMAT_POLICIES)} "
+                     "(or True/False).")
+  return name
+
+
+def remat(block_cls, policy: bool | str, static_argnums=()):
+  """`block_cls`, wrapped in nn.remat with the named policy (see
+  REMAT_POLICIES) unless the policy is "none". static_argnums counts the
+  module itself as 0."""
+  name = remat_policy_name(policy)
+  if name == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[name], static_argnums=static_argnums)
+
+
 class Encoder(nn.Module):
   """Stack of ``depth`` EncoderBlocks followed by a final LayerNorm.
 
   Returns ``(normed_output, blocks)`` where ``blocks["block00"]`` ... hold each
   block's raw (un-normed) output, so callers can tap any layer (e.g. a VLM
-  reading the penultimate block). ``remat=True`` recomputes block activations
-  in the backward pass to save memory on large variants.
+  reading the penultimate block). ``remat`` (a REMAT_POLICIES name, or
+  True = "full") recomputes block activations in the backward pass to save
+  memory on large variants.
   """
   depth: int
   mlp_dim: int | None = None
   num_heads: int = 12
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
   mlp_activation: str = "gelu_tanh"
   norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    block_cls = EncoderBlock
-    if self.remat:
-      # static_argnums counts `self` as 0: (self, x, mask, deterministic).
-      block_cls = nn.remat(EncoderBlock, static_argnums=(3,))
+    # (self, x, mask, deterministic): `deterministic` is a Python bool.
+    block_cls = remat(EncoderBlock, self.remat, static_argnums=(3,))
     blocks = {}
     for i in range(self.depth):
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout, self.dtype,

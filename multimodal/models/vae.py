@@ -323,15 +323,17 @@ class LatentCodec:
       raise ValueError(f"image size {h}x{w} is not a multiple of the VAE's factor {f}")
     return (h // f, w // f, self.model.latent_channels)
 
-  def encode(self, images, rng=None):
-    """Images (B, H, W, 3) in [-1, 1] -> scaled latents. With ``rng`` a
-    sample of the posterior (what DiT trains on: latent_dist.sample()), with
-    rng=None its mean."""
+  def encode(self, images, rng=None, *, noise=None):
+    """Images (B, H, W, 3) in [-1, 1] -> scaled latents. With ``rng`` (or
+    the standard normal ``noise`` itself, latent-shaped) a sample of the
+    posterior (what DiT trains on: latent_dist.sample()); else its mean."""
     mean, logvar = self.model.apply({"params": self.params}, images,
                                     method=AutoencoderKL.encode)
     z = mean
-    if rng is not None:
-      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    if noise is None and rng is not None:
+      noise = jax.random.normal(rng, mean.shape, mean.dtype)
+    if noise is not None:
+      z = mean + jnp.exp(0.5 * logvar) * noise
     return (z - self.shift_factor) * self.scale_factor
 
   def decode(self, latents):

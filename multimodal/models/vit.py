@@ -190,10 +190,12 @@ class ConvStem(nn.Module):
       channels = max(16, self.width // 2 ** (num_convs - 1 - i))
       x = nn.Conv(channels, (3, 3), strides=2, padding="SAME", use_bias=False,
                   dtype=self.dtype, param_dtype=jnp.float32,
+                  # Output channels named "embed" so that FSDP splits these
+                  # kernels too (the last holds width/2 x width x 9 numbers).
                   kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
-                                                 (None, None, None, None)),
+                                                 (None, None, None, "embed")),
                   name=f"conv{i}")(x)
-      # Stem channels are few and unsharded (None), unlike the width.
+      # Norm parameters are few and unsharded (None).
       x = nn.gelu(nn.LayerNorm(
           dtype=self.dtype, param_dtype=jnp.float32,
           scale_init=layers.partitioned(nn.initializers.ones, (None,)),

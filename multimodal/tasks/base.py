@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 import jax
 import tensorflow as tf
 
-from multimodal import sharding
+from multimodal import accumulate, config_lib, sharding
 from multimodal.data import pipeline, sources
+from multimodal.models import layers
 
 
 class Task(abc.ABC):
@@ -25,6 +26,17 @@ class Task(abc.ABC):
     self.source = sources.open_source(
         config.input.data, data_dir=config.input.get("data_dir"),
         shapes_world=config.input.get("shapes_world"))
+
+  @property
+  def remat(self) -> str:
+    """`config.remat`: the rematerialisation policy of every transformer
+    block (a layers.REMAT_POLICIES name; "none" keeps all activations)."""
+    value = self.config.get("remat") or "none"
+    try:
+      return layers.remat_policy_name(value)
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"config.remat={value!r} is not one of {sorted(layers.REMAT_POLICIES)}.") from None
 
   @abc.abstractmethod
   def init(self, rng: jax.Array):
@@ -52,6 +64,20 @@ class Task(abc.ABC):
     except Exception:  # Sources without split sizes (TFRecord shards).
       return None
 
+  def random_draws(self, batch: dict, rng: jax.Array) -> dict:
+    """The batch plus the per-example randomness loss_fn uses (noise,
+    timesteps, ...), drawn for the whole global batch before it is split
+    into microbatches, so that accumulation cannot change what any example
+    sees. None by default."""
+    del rng
+    return batch
+
+  def loss_and_grads(self, params, batch: dict, rng: jax.Array, microbatches: int):
+    """((loss, metrics), grads) on one global batch, computed in
+    `microbatches` sequential pieces. Exact for losses that are means of
+    per-example terms; a loss coupling the examples overrides this."""
+    return accumulate.mean_loss_and_grads(self.loss_fn, params, batch, rng, microbatches)
+
   def pretrained_params(self) -> list[tuple[str, dict]]:
     """(where from, nested dict of host arrays) pairs that replace parts of a
     fresh init: a subset of the param tree, same nesting and shapes."""
@@ -62,14 +88,15 @@ class Task(abc.ABC):
     return None
 
   def train_dataset(self, *, start_example: int, local_batch_size: int,
-                    process_index: int, process_count: int) -> tf.data.Dataset:
+                    process_index: int, process_count: int,
+                    shards: pipeline.Shards | None = None) -> tf.data.Dataset:
     return pipeline.train_dataset(
         self.source, split=self.config.input.split, pp_fn=self.train_pp(),
         filter_fn=self.train_filter(),
         local_batch_size=local_batch_size, seed=self.config.seed,
         start_example=start_example,
         shuffle_buffer=self.config.input.shuffle_buffer,
-        process_index=process_index, process_count=process_count)
+        process_index=process_index, process_count=process_count, shards=shards)
 
   def eval_batches(self, mesh, *, split: str, pp_fn: Callable, batch_size: int,
                    filter_fn=None) -> Callable[[], Iterator[dict]]:

@@ -26,7 +26,7 @@ class ClassificationTask(base.Task):
     super().__init__(config)
     self.heads = dict(config.model.heads)
     self.model = classifier.ImageClassifier(
-        image=config.model.image.to_dict(), heads=self.heads,
+        image={**config.model.image.to_dict(), "remat": self.remat}, heads=self.heads,
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
 
   def train_pp(self):

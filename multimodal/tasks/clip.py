@@ -5,30 +5,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import losses, sharding
+from multimodal import accumulate, config_lib, losses, sharding
 from multimodal.data import pipeline, preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import retrieval, templates, zero_shot
 from multimodal.models import two_towers
 from multimodal.tasks import base
 
 LOSSES = ("softmax", "sigmoid")
+# config.loss_impl: "dense" lets XLA gather the global batch and build the
+# [B, B] logits; "ring" (sigmoid only) passes text chunks around the batch
+# devices so no device holds more than a [b, b] block (losses.py).
+LOSS_IMPLS = ("dense", "ring")
 # How many training captions teach the tokenizer when none is given.
 TOKENIZER_TRAINING_EXAMPLES = 20_000
 
 
+def loss_impl(config) -> str:
+  """config.loss_impl (default "dense"), checked against config.loss."""
+  impl = config.get("loss_impl", "dense")
+  if impl not in LOSS_IMPLS:
+    raise config_lib.ConfigError(
+        f"config.loss_impl={impl!r} is not one of {LOSS_IMPLS}.")
+  if impl == "ring" and config.loss != "sigmoid":
+    # The softmax normalises each row over the whole batch, which the ring's
+    # independent blocks cannot do in one pass.
+    raise config_lib.ConfigError(
+        f"config.loss_impl='ring' needs config.loss='sigmoid', but "
+        f"config.loss={config.loss!r}: set config.loss_impl='dense', or "
+        "train SigLIP (configs/siglip_shapes.py).")
+  return impl
+
+
 class ContrastiveTask(base.Task):
-  """Two towers trained with config.loss in {"softmax", "sigmoid"}."""
+  """Two towers trained with config.loss in {"softmax", "sigmoid"}; for
+  "sigmoid", config.loss_impl="ring" computes it without the global logits."""
 
   def __init__(self, config):
     super().__init__(config)
     if config.loss not in LOSSES:
       raise ValueError(f"config.loss={config.loss!r} is not one of {LOSSES}.")
+    loss_impl(config)  # A wrong choice fails now, not at the first step.
     self.tokenizer = self._tokenizer()
     self.max_len = config.input.tokenizer.max_len
     dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     self.model = two_towers.TwoTowers(
-        image={**config.model.image.to_dict(), "dtype": dtype},
-        text={**config.model.text.to_dict(), "dtype": dtype,
+        image={**config.model.image.to_dict(), "dtype": dtype, "remat": self.remat},
+        text={**config.model.text.to_dict(), "dtype": dtype, "remat": self.remat,
               "vocab_size": self.tokenizer.vocab_size,
               "eos_id": self.tokenizer.eos_id, "pad_id": self.tokenizer.pad_id},
         out_dim=config.model.out_dim,
@@ -69,12 +91,60 @@ class ContrastiveTask(base.Task):
     del rng  # No dropout in these models yet.
     zimg, ztxt, aux = self.model.apply(
         {"params": params}, batch["image"], batch["tokens"], train=True)
-    if self.config.loss == "softmax":
-      loss, logits = losses.softmax_contrastive_loss(zimg, ztxt, aux["t"])
+    return self._contrastive(zimg, ztxt, aux)
+
+  def loss_and_grads(self, params, batch, rng, microbatches):
+    """Accumulation for a loss that couples the whole batch (every image
+    against every text), exact as in open_clip's --accum-freq (GradCache):
+    1. embed each microbatch, keeping no activations;
+    2. the loss on all B embeddings, and its gradient with respect to them
+       (and to the temperature and bias);
+    3. each microbatch again, pulling its slice of that gradient back
+       through the towers (a VJP), summed over microbatches.
+    Towers run forward twice; activations live for one microbatch."""
+    if microbatches == 1:
+      return super().loss_and_grads(params, batch, rng, microbatches)
+    micro = accumulate.split(batch, microbatches)
+
+    def towers(p, microbatch):
+      zimg, ztxt, _ = self.model.apply(
+          {"params": p}, microbatch["image"], microbatch["tokens"], train=True)
+      return zimg, ztxt
+
+    zimg, ztxt = jax.lax.map(lambda m: towers(params, m), micro)  # [k, b, D] each.
+
+    def head(p, zimg, ztxt):
+      _, _, aux = self.model.apply({"params": p}, None, None, train=True)
+      return self._contrastive(accumulate.merge(zimg), accumulate.merge(ztxt), aux)
+
+    (loss, metrics), (grads, dzimg, dztxt) = jax.value_and_grad(
+        head, argnums=(0, 1, 2), has_aux=True)(params, zimg, ztxt)
+
+    def pull_back(grads, xs):
+      microbatch, dzi, dzt = xs
+      _, vjp = jax.vjp(lambda p: towers(p, microbatch), params)
+      return jax.tree.map(jnp.add, grads, vjp((dzi, dzt))[0]), None
+
+    grads, _ = jax.lax.scan(pull_back, grads, (micro, dzimg, dztxt))
+    return (loss, metrics), grads
+
+  def _contrastive(self, zimg, ztxt, aux):
+    """(loss, metrics) of embeddings of the whole batch."""
+    if loss_impl(self.config) == "ring":
+      loss, rows = losses.sigmoid_contrastive_loss_ring(
+          zimg, ztxt, aux["t"], aux["b"])
+      # No [B, B] logits to take an argmax of: image i's text is its top
+      # match iff its positive beats its best negative (ties aside).
+      in_batch_accuracy = jnp.mean(
+          rows["positive_logits"] > rows["max_negative_logits"])
     else:
-      loss, logits = losses.sigmoid_contrastive_loss(zimg, ztxt, aux["t"], aux["b"])
-    in_batch_accuracy = jnp.mean(
-        jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
+      if self.config.loss == "softmax":
+        loss, logits = losses.softmax_contrastive_loss(zimg, ztxt, aux["t"])
+      else:
+        loss, logits = losses.sigmoid_contrastive_loss(
+            zimg, ztxt, aux["t"], aux["b"])
+      in_batch_accuracy = jnp.mean(
+          jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
     metrics = {"temperature": aux["t"], "in_batch_accuracy": in_batch_accuracy}
     if "b" in aux:
       metrics["bias"] = aux["b"]

@@ -53,7 +53,7 @@ class DiffusionTask(base.Task):
         class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma, **text,
         t_freq_shift=(self.imported[0]["t_freq_shift"] if self.imported
                       else m.get("t_freq_shift", 0.0)),
-        dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+        remat=self.remat, dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     d = config.diffusion
     self.num_timesteps = d.num_timesteps
     self.schedule = schedules.named_schedule(d.beta_schedule, d.num_timesteps)
@@ -75,9 +75,11 @@ class DiffusionTask(base.Task):
       raise config_lib.ConfigError(
           f"text conditioning needs the text encoder frozen: set "
           f"--config.freeze='{text_encoder.PARAMS_KEY}/.*' (it is {freeze!r}).")
-    workdir = text_encoder.resolve_workdir(
-        self.config.model.text_encoder, self.source.data_dir,
-        self.config.input.get("data_dir"), self.config.input.get("shapes_world"))
+    workdir = trained_runs.resolve(
+        self.config.model.text_encoder,
+        cache_root=os.path.join(self.source.data_dir, "text_encoders"),
+        data_dir=self.config.input.get("data_dir"),
+        shapes_world=self.config.input.get("shapes_world"))
     return text_encoder.FrozenTextEncoder(workdir)
 
   def _import_diffusers_dit(self):
@@ -203,25 +205,44 @@ class DiffusionTask(base.Task):
                              **kwargs)["params"]
     return {**params, text_encoder.PARAMS_KEY: encoder}
 
-  def _losses(self, params, batch, rng, *, train):
+  @property
+  def _conditioned(self) -> bool:
+    m = self.model
+    return bool(m.num_classes) or m.text_dim is not None or m.cross_attention
+
+  def random_draws(self, batch, rng, *, train: bool = True):
+    """Per example: the timestep, the noise, the posterior sample's noise
+    (latent DiT) and, in training, whether its condition is dropped to null
+    (for classifier-free guidance)."""
     t_rng, noise_rng, drop_rng, vae_rng = jax.random.split(rng, 4)
+    b = batch["image"].shape[0]
+    draws = {"t": jax.random.randint(t_rng, (b,), 0, self.num_timesteps),
+             "noise": jax.random.normal(noise_rng, (b, *self.image_shape))}
+    if self.codec is not None:
+      draws["posterior_noise"] = jax.random.normal(vae_rng, (b, *self.image_shape))
+    if train and self._conditioned:
+      draws["drop"] = jax.random.uniform(drop_rng, (b,)) < self.model.class_dropout_prob
+    return {**batch, "draws": draws}
+
+  def _losses(self, params, batch):
+    draws = batch["draws"]
     x0 = batch["image"]
     if self.codec is not None:  # DiT trains on posterior samples, as train.py.
-      x0 = jax.lax.stop_gradient(self.codec.encode(x0, vae_rng))
-    t = jax.random.randint(t_rng, (x0.shape[0],), 0, self.num_timesteps)
-    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-
+      x0 = jax.lax.stop_gradient(self.codec.encode(x0, noise=draws["posterior_noise"]))
     condition = self._condition_kwargs(params, batch[self.condition_key])
+    if "drop" in draws:
+      condition["force_drop_ids"] = draws["drop"].astype(jnp.int32)
 
     def model_fn(x_t, timesteps):
       return self.model.apply({"params": self._dit_params(params)}, x_t, timesteps,
-                              train=train, rngs={"dropout": drop_rng}, **condition)
+                              **condition)
     return losses.training_losses(
-        self.schedule, model_fn, x0, t, noise, prediction=self.prediction,
-        learn_sigma=self.model.learn_sigma)
+        self.schedule, model_fn, x0, draws["t"], draws["noise"].astype(x0.dtype),
+        prediction=self.prediction, learn_sigma=self.model.learn_sigma)
 
   def loss_fn(self, params, batch, rng):
-    terms = self._losses(params, batch, rng, train=True)
+    del rng  # All randomness is in batch["draws"] (random_draws).
+    terms = self._losses(params, batch)
     return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
 
   def sampler(self, mesh, *, steps: int, cfg_scale: float, sampler: str = "ddim",
@@ -276,7 +297,7 @@ class DiffusionTask(base.Task):
             batch_size=cfg.get("batch_size", self.config.input.batch_size))
         # A fixed key: every evaluation sees the same timesteps and noise.
         loss = jax.jit(lambda params, batch: self._losses(
-            params, batch, jax.random.key(0), train=False)["loss"])
+            params, self.random_draws(batch, jax.random.key(0), train=False))["loss"])
         result.append(generation.DenoisingLoss(name=name, batches=batches, loss=loss))
       elif cfg.type == "quality":
         result.append(self._quality_evaluator(name, cfg, mesh))

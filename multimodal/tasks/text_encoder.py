@@ -9,13 +9,11 @@ encodes tokens into what the DiT reads: the pooled contrastive embedding
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import config_lib, sharding, trained_runs, trainer
+from multimodal import config_lib, sharding, trainer
 from multimodal.models import two_towers
 
 PARAMS_KEY = "text_encoder"
@@ -57,14 +55,3 @@ class FrozenTextEncoder:
     z, aux = self.module.apply({"params": params}, tokens)
     valid = tokens != self.tokenizer.pad_id
     return two_towers.l2_normalize(z), aux["encoded"], valid
-
-
-def resolve_workdir(text_config, data_dir: str, run_data_dir: str | None,
-                    shapes_world: dict | None) -> str:
-  """`text_config.workdir`, or a cached run of `text_config.config` trained on
-  first use (as the recognizer is)."""
-  if text_config.get("workdir"):
-    return text_config.workdir
-  return trained_runs.ensure_trained(
-      text_config.config, cache_root=os.path.join(data_dir, "text_encoders"),
-      data_dir=run_data_dir, shapes_world=shapes_world)

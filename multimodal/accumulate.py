@@ -1,0 +1,63 @@
+"""Gradient accumulation: one global batch as `k` sequential microbatches.
+
+`config.grad_accum_steps = k` trades time for memory: activations live for
+one microbatch at a time, and the update equals the large-batch step's
+(tests/test_accumulate.py checks it for every family). That holds because
+
+  * a loss that is a mean of per-example terms has a gradient that is the
+    mean of its microbatches' (equal sizes); a task whose loss couples the
+    examples (contrastive losses) overrides `Task.loss_and_grads` instead
+    (CLIP: the embedding cache of open_clip's --accum-freq / GradCache);
+  * randomness is drawn for the whole batch before the split
+    (`Task.random_draws`), so example i sees the same noise either way.
+
+Microbatch j holds rows j, j+k, j+2k, ...: every device keeps its own rows
+and takes part in every microbatch, rather than one device's block of rows
+being one microbatch that only it would compute.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def _constrain(x, leading: int):
+  """Keeps the batch axis (after `leading` axes) split over the data axes."""
+  axes = (None,) * leading + ("batch",) + (None,) * (x.ndim - leading - 1)
+  return nn.with_logical_constraint(x, axes)
+
+
+def split(batch, k: int):
+  """[B, ...] leaves -> [k, B/k, ...]; microbatch j = rows j, j+k, ..."""
+  def one(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return _constrain(jnp.swapaxes(x, 0, 1), 1)
+  return jax.tree.map(one, batch)
+
+
+def merge(x):
+  """The inverse of `split` for one array: [k, B/k, ...] -> [B, ...]."""
+  k, b = x.shape[:2]
+  return _constrain(jnp.swapaxes(x, 0, 1).reshape((k * b,) + x.shape[2:]), 0)
+
+
+def mean_loss_and_grads(loss_fn, params, batch, rng, k: int):
+  """((loss, metrics), grads) of `loss_fn(params, batch, rng)`, averaged over
+  k microbatches computed one after another (a scan); k = 1 is the plain
+  `jax.value_and_grad`. Microbatch j gets `fold_in(rng, j)`."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    return grad_fn(params, batch, rng)
+  micro = split(batch, k)
+
+  def step(total, xs):
+    j, microbatch = xs
+    out = grad_fn(params, microbatch, jax.random.fold_in(rng, j))
+    return jax.tree.map(jnp.add, total, out), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, params, first, rng))
+  total, _ = jax.lax.scan(step, zeros, (jnp.arange(k), micro))
+  return jax.tree.map(lambda x: x / k, total)

@@ -1,0 +1,165 @@
+"""Training as a multi-process job: 2 local processes x 4 simulated CPU
+devices (jax.distributed over gloo on 127.0.0.1, through the launcher's
+`--procs 2 --devices-per-proc 4`) end with the parameters of one process on
+8 devices; both processes save checkpoints jointly and a rerun of both
+resumes from them; and when one process dies the other stops with an error
+instead of hanging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_WORLD
+
+STEPS = 6
+# A learning rate that does not depend on total_steps (still warming up over
+# these few steps), so that a run stopped at step 4 and resumed with
+# total_steps=6 follows the same schedule as a straight 6 steps.
+ARGS = ["configs/clip_shapes.py:variant=mu/8,text_variant=mu,res=32,batch=16",
+        "--config.input.shuffle_buffer=500", "--config.input.tokenizer.vocab_size=128",
+        "--config.log_steps=2", "--config.ckpt_steps=2",
+        "--config.schedule.decay_type=constant",
+        *[f"--config.input.shapes_world.{k}={v}" for k, v in TINY_WORLD.items()]]
+
+
+def _env(devices: int) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("MM_") and k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
+  return env
+
+
+def _train(data_dir, workdir, steps, *extra, devices=8, timeout=900):
+  args = [sys.executable, "-m", "experiments.train", *ARGS,
+          f"--config.input.data_dir={data_dir}", f"--config.total_steps={steps}",
+          f"--workdir={workdir}", *extra]
+  return subprocess.run(args, cwd=ROOT, env=_env(devices), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _train_two_processes(data_dir, workdir, steps):
+  return _train(data_dir, workdir, steps, "--procs", "2", "--devices-per-proc", "4",
+                devices=4)
+
+
+def final_params(workdir):
+  """The params of a run's latest checkpoint, on host, and its step."""
+  import jax
+  from multimodal import config_lib, sharding, tasks, trainer
+  config = config_lib.load_workdir_config(str(workdir))
+  task = tasks.get(config.task)(config)
+  state = trainer.restore_latest(task, config, str(workdir),
+                                 sharding.make_mesh({"data": -1}))
+  return int(state["step"]), jax.device_get(state["params"])
+
+
+def assert_same_params(a, b):
+  """Equal to float32 rounding. Gloo sums across processes in another order
+  than XLA within one, which moves every param by ~1e-8, except attention
+  key biases: their true gradient is zero (softmax ignores a shift shared by
+  all keys), so Adam turns their rounding noise into steps of up to the
+  learning rate (3e-3 x step/100 while warming up), whatever the order."""
+  import jax
+  for path, x in jax.tree_util.tree_leaves_with_path(a):
+    y = b
+    for key in path:
+      y = y[key.key]
+    where = jax.tree_util.keystr(path)
+    if where.endswith("['key_bias']"):
+      np.testing.assert_allclose(x, y, atol=1e-3, err_msg=where)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=where)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(clip_task, data_dir, tmp_path_factory):
+  """The reference: one process, 8 devices, STEPS steps. (`clip_task` has
+  already trained and cached the tokenizer every process then reads.)"""
+  workdir = tmp_path_factory.mktemp("one_process") / "run"
+  run = _train(data_dir, workdir, STEPS)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(one_process_run, data_dir, tmp_path):
+  workdir = tmp_path / "two"
+  run = _train_two_processes(data_dir, workdir, STEPS)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+  assert "[0] Process 0 of 2" in run.stdout and "[1] Process 1 of 2" in run.stdout
+  # Only process 0 prints the results table; the evaluators ran on both.
+  assert run.stdout.count(f"Results after {STEPS} steps") == 1
+  assert "[0] zero_shot_shape " in run.stdout
+  # One checkpoint, written by both processes together.
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
+  step, params = final_params(workdir)
+  reference_step, reference = final_params(one_process_run)
+  assert step == reference_step == STEPS
+  assert_same_params(params, reference)
+  expected = losses(one_process_run)
+  assert sorted(losses(workdir)) == sorted(expected) == [2, 4, 6]
+  for step, loss in losses(workdir).items():
+    assert loss == pytest.approx(expected[step], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_rerun_of_both_processes_resumes(one_process_run, data_dir, tmp_path):
+  workdir = tmp_path / "resumed"
+  first = _train_two_processes(data_dir, workdir, 4)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "Resuming" not in first.stdout
+  second = _train_two_processes(data_dir, workdir, STEPS)
+  assert second.returncode == 0, second.stderr[-3000:]
+  for i in range(2):
+    assert f"[{i}] Resuming from step 4 of" in second.stdout
+  step, params = final_params(workdir)
+  assert step == STEPS
+  assert_same_params(params, final_params(one_process_run)[1])
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other(clip_task, data_dir, tmp_path):
+  """No launcher here (it would stop the survivor itself): the survivor's
+  own jax.distributed heartbeat and collectives notice the dead peer."""
+  from experiments import launcher
+  workdir = tmp_path / "killed"
+  port = launcher.free_port()
+  args = [sys.executable, "-m", "experiments.train", *ARGS,
+          f"--config.input.data_dir={data_dir}", "--config.total_steps=100000",
+          f"--workdir={workdir}"]
+  procs, logs = [], [tmp_path / f"{i}.log" for i in range(2)]
+  for i in range(2):
+    env = {**_env(4), **launcher.local_env(i, 2, port, 4),
+           "MM_HEARTBEAT_TIMEOUT": "10"}
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT))
+  try:
+    deadline = time.monotonic() + 600
+    while not (workdir / "checkpoints" / "2").exists():
+      assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+      assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    procs[0].wait(timeout=120)
+    waited = time.monotonic() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert procs[0].returncode != 0, logs[0].read_text()[-3000:]
+  assert waited < 60, waited
