@@ -95,7 +95,7 @@ def _trainable_optimizer(config, schedule):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(
       schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
-      weight_decay=config.wd, mask=decay_mask))
+      eps=config.get("adam_eps", 1e-8), weight_decay=config.wd, mask=decay_mask))
   lr_mults = config.get("lr_mults")
   if lr_mults:
     config_lib.check_lr_mults(lr_mults)

@@ -53,7 +53,14 @@ def make_task(config):
 def family(request, data_dir, clip_workdir):
   """(name, task, config, one local batch, the single-device reference step)."""
   config = family_config(request.param, data_dir, clip_workdir)
-  config.schedule.warmup_steps = 0  # So that the first step moves the params.
+  with config.unlocked():
+    # One step that shows the gradients: AdamW's first update is
+    # lr * g / (|g| + eps), so with lr = eps = 1 it is about g itself, and
+    # comparing updated parameters compares gradients (with a tiny eps it is
+    # about lr * sign(g), which would hide all but sign errors).
+    config.schedule.warmup_steps = 0
+    config.lr = 1.0
+    config.adam_eps = 1.0
   task = make_task(config)
   ds = task.train_dataset(start_example=0, local_batch_size=BATCH, process_index=0,
                           process_count=1)
@@ -63,40 +70,27 @@ def family(request, data_dir, clip_workdir):
 
 
 def one_step(task, config, mesh, local_batch):
-  """(loss, gradients, params after one train step) on `mesh`, on host."""
+  """(loss, params before, params after one train step) on `mesh`, on host."""
   with sharding.mesh_context(mesh):
     init_fn, shardings, tx, schedule = trainer.create_train_state(task, config, mesh, 10)
     step = trainer.make_train_step(task, config, tx, schedule, shardings, mesh)
-    batch = pipeline.to_global_arrays(local_batch, sharding.batch_sharding(mesh))
     state = init_fn()
-
-    def loss_and_grads(params, batch):
-      rng = trainer.step_rng(config, 0)  # The first step's, as in `step` below.
-      (loss, _), grads = task.loss_and_grads(
-          params, task.random_draws(batch, rng), rng, trainer.grad_accum_steps(config))
-      return loss, grads
-    loss, grads = jax.device_get(jax.jit(loss_and_grads)(state["params"], batch))
-    state, metrics = step(state, batch)
-    params = jax.device_get(state["params"])
-  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)  # The step's own loss.
-  return loss, grads, params
+    before = jax.device_get(state["params"])
+    state, metrics = step(
+        state, pipeline.to_global_arrays(local_batch, sharding.batch_sharding(mesh)))
+    return float(metrics["loss"]), before, jax.device_get(state["params"])
 
 
-def assert_same_step(got, want, lr):
-  (loss, grads, params), (want_loss, want_grads, want_params) = got, want
+def assert_same_step(got, want):
+  (loss, _, params), (want_loss, before, want_params) = got, want
   np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
-  # Some gradients are analytically zero and hold only rounding noise, so
-  # the tolerance is relative to the largest gradient.
-  scale = max(np.abs(g).max() for g in jax.tree.leaves(want_grads))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5 * scale, rtol=2e-3),
-               grads, want_grads)
-  # Adam's first update is lr * g / (|g| + eps): for a gradient near float
-  # noise its sign can flip, so parameters agree to within 2 * lr...
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2 * lr), params, want_params)
-  # ... but nearly all of them far more closely.
-  diffs = np.concatenate([np.abs(a - b).ravel() for a, b in
-                          zip(jax.tree.leaves(params), jax.tree.leaves(want_params))])
-  assert np.mean(diffs < 1e-3 * lr) > 0.95, np.mean(diffs < 1e-3 * lr)
+  # The updates (about the gradients, see `family`) agree to float tolerance,
+  # relative to the largest one.
+  updates = jax.tree.map(lambda a, b: a - b, want_params, before)
+  scale = max(np.abs(u).max() for u in jax.tree.leaves(updates))
+  assert scale > 1e-3  # The step really moved the parameters.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5 * scale, rtol=0),
+               params, want_params)
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
@@ -106,18 +100,20 @@ def test_a_step_is_the_same_on_every_mesh(family, mesh_name):
   config.mesh = MESHES[mesh_name]
   mesh = sharding.make_mesh(config.mesh)
   assert mesh.devices.size == 8
-  assert_same_step(one_step(task, config, mesh, batch), reference, config.lr)
+  assert_same_step(one_step(task, config, mesh, batch), reference)
 
 
 def test_gradient_accumulation_equals_the_large_batch_step(family):
   """4 microbatches of 8 on data=2 x fsdp=2 x tensor=2 (2 examples per
   device each) against the batch of 32 at once on one device."""
-  _, task, config, batch, reference = family
+  name, task, config, batch, reference = family
+  if name == "classifier":
+    pytest.skip("the generic accumulation, as the VLM's")
   config = config.copy_and_resolve_references()
   config.grad_accum_steps = 4
   config.mesh = MESHES["data=2,fsdp=2,tensor=2"]
   assert_same_step(one_step(task, config, sharding.make_mesh(config.mesh), batch),
-                   reference, config.lr)
+                   reference)
 
 
 def test_microbatches_must_span_the_data_parallel_devices(family, tmp_path):
@@ -129,29 +125,38 @@ def test_microbatches_must_span_the_data_parallel_devices(family, tmp_path):
     trainer.train(task, config, str(tmp_path))
 
 
+# SigLIP's towers are CLIP's and the classifier's ViT is CLIP's image tower:
+# the per-model checks below run once for each distinct model (every remat
+# policy on the VLM, whose ViT and decoder blocks cover CLIP's kinds too).
+SAME_MODEL_AS_CLIP = ("siglip", "classifier")
+
+
+def skip_repeated_model(name):
+  if name in SAME_MODEL_AS_CLIP:
+    pytest.skip("the same transformer blocks as CLIP's")
+
+
 @pytest.mark.parametrize("policy", sorted(set(layers.REMAT_POLICIES) - {"none"}))
 def test_remat_policies_leave_the_step_unchanged(family, policy):
   name, _, config, batch, reference = family
-  if name in ("siglip", "classifier") and policy != "full":
-    pytest.skip("the same transformer blocks as CLIP's")
+  if name != "vlm":
+    pytest.skip("every policy runs on the VLM's ViT and decoder blocks")
   config = config.copy_and_resolve_references()
   config.remat = policy
   task = make_task(config)
-  single = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
   jaxpr = str(jax.make_jaxpr(lambda p, b: task.loss_and_grads(
       p, task.random_draws(b, jax.random.key(0)), jax.random.key(0), 1))(
           sharding.strip_boxes(jax.eval_shape(task.init, jax.random.key(0))),
           jax.tree.map(jnp.asarray, batch)))
   assert "remat" in jaxpr or "checkpoint" in jaxpr  # The policy is really applied.
-  loss, grads, params = one_step(task, config, single, batch)
-  np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
-  scale = max(np.abs(g).max() for g in jax.tree.leaves(reference[1]))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * scale, rtol=1e-4),
-               grads, reference[1])
+  single = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  assert_same_step(one_step(task, config, single, batch), reference)
 
 
 def test_bf16_compute_keeps_f32_master_weights(family):
-  _, _, config, batch, reference = family
+  name, _, config, batch, reference = family
+  if name != "clip":
+    pytest.skip("one family suffices: compute_dtype reaches every model the same way")
   config = config.copy_and_resolve_references()
   config.compute_dtype = "bfloat16"
   task = make_task(config)
@@ -170,6 +175,7 @@ def test_fsdp_divides_parameter_and_optimizer_bytes(family):
   """Per-device bytes of params + optimizer state, read off the arrays'
   addressable shards: about 1/8 of the replicated run's under fsdp=8."""
   name, task, config, _, _ = family
+  skip_repeated_model(name)
 
   def bytes_on_device0(mesh_config):
     config_ = config.copy_and_resolve_references()
