@@ -2,7 +2,7 @@
 
 `config.grad_accum_steps = k` trades time for memory: activations live for
 one microbatch at a time, and the update equals the large-batch step's
-(tests/test_accumulate.py checks it for every family). That holds because
+(tests/test_scale.py checks it for CLIP, SigLIP, DiT and the VLM). That holds because
 
   * a loss that is a mean of per-example terms has a gradient that is the
     mean of its microbatches' (equal sizes); a task whose loss couples the

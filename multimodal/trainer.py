@@ -170,17 +170,14 @@ def train(task, config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   total_steps = config_lib.total_steps(config, task.num_train_examples())
   global_batch = config.input.batch_size
-  if global_batch % sharding.data_parallel_size(mesh):
+  # Every microbatch (the whole batch without accumulation) spans every
+  # data-parallel device.
+  micro, data_parallel = grad_accum_steps(config), sharding.data_parallel_size(mesh)
+  if global_batch % (micro * data_parallel):
+    times = f"config.grad_accum_steps={micro} x " if micro > 1 else ""
     raise config_lib.ConfigError(
-        f"config.input.batch_size={global_batch} must be divisible by the "
-        f"{sharding.data_parallel_size(mesh)} data-parallel devices of "
-        f"config.mesh={dict(config.mesh)}.")
-  micro = grad_accum_steps(config)
-  if global_batch % (micro * sharding.data_parallel_size(mesh)):
-    raise config_lib.ConfigError(
-        f"config.input.batch_size={global_batch} must be divisible by "
-        f"config.grad_accum_steps={micro} x the {sharding.data_parallel_size(mesh)} "
-        "data-parallel devices, so that every microbatch spans every device.")
+        f"config.input.batch_size={global_batch} must be divisible by {times}the "
+        f"{data_parallel} data-parallel devices of config.mesh={dict(config.mesh)}.")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
