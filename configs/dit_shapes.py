@@ -41,6 +41,10 @@ def get_config(arg=None):
   c.input.single_object_only = True
   c.input.batch_size = arg.batch
   c.input.shuffle_buffer = 10_000
+  # Training records whose pp fails (an undecodable image, an empty caption)
+  # are skipped; the run stops when more than this fraction of those read
+  # were (pipeline.StreamTracker.check).
+  c.input.max_skipped_fraction = 0.01
   c.input.image_size = arg.res
   # Object-centred crops (crop=True): the object fills the frame, so a small
   # model spends its capacity on the object, not on the empty background of

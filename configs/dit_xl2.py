@@ -59,6 +59,10 @@ def get_config(arg=None):
   c.input.batch_size = arg.batch  # Global; DiT's --global-batch-size.
   # The shuffle holds encoded JPEGs (~110 kB each): 50k is ~5.5 GB per host.
   c.input.shuffle_buffer = 50_000
+  # Training records whose pp fails (an undecodable image, an empty caption)
+  # are skipped; the run stops when more than this fraction of those read
+  # were (pipeline.StreamTracker.check).
+  c.input.max_skipped_fraction = 0.01
   c.input.image_size = arg.res  # Pixels; the DiT sees res/8 latents.
   image_pp = f'decode|resize({arg.res}, method="bicubic")'
   # DiT trains with RandomHorizontalFlip and Normalize(0.5, 0.5): [-1, 1].

@@ -35,6 +35,10 @@ def get_config(arg=None):
   c.input.single_object_only = True
   c.input.batch_size = arg.batch
   c.input.shuffle_buffer = 10_000
+  # Training records whose pp fails (an undecodable image, an empty caption)
+  # are skipped; the run stops when more than this fraction of those read
+  # were (pipeline.StreamTracker.check).
+  c.input.max_skipped_fraction = 0.01
   c.input.image_size = arg.res
   # crop: object-centred crops, the images configs/dit_shapes.py generates.
   crop = "|crop_to_object(margin=0.25)" if arg.crop else ""

@@ -43,6 +43,10 @@ def get_config(arg=None):
   c.input.split = "train"
   c.input.batch_size = arg.batch
   c.input.shuffle_buffer = 10_000
+  # Training records whose pp fails (an undecodable image, an empty caption)
+  # are skipped; the run stops when more than this fraction of those read
+  # were (pipeline.StreamTracker.check).
+  c.input.max_skipped_fraction = 0.01
   c.input.tokenizer = dict(model=config_dict.placeholder(str), vocab_size=256)
   c.input.max_len = MAX_LEN
   c.input.max_prompt_len = MAX_PROMPT_LEN

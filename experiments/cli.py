@@ -56,36 +56,42 @@ def parse_flags(argv: list[str]) -> None:
   except Exception as e:  # A config file that fails to import or build.
     fail(f"could not build the config: {type(e).__name__}: {e}")
   try:
+    check_override_values(config, argv)
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     fail(str(e))
 
 
+def check_override_values(config, argv: list[str]) -> None:
+  """No --config.KEY=VALUE override that became a string holds Python code.
+
+  config_flags never evaluates a value (a str field takes the raw text;
+  int, float and bool fields convert it; tuples go through
+  ast.literal_eval), but code in a config is refused all the same, by name.
+  """
+  for key in _override_keys(argv):
+    if config_lib.has_dotted(config, key):
+      config_lib.check_override_value(key, config_lib.get_dotted(config, key))
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+  keys = []
+  for arg in argv[1:]:
+    for prefix in ("--config.", "--noconfig."):
+      if arg.startswith(prefix):
+        keys.append(arg[len(prefix):].split("=", 1)[0])
+  return keys
+
+
 def _explain_flag_error(error: Exception, argv: list[str]) -> str:
-  """Names the first override whose key the config does not have."""
+  """Names the first override whose key the config does not have, or whose
+  value does not fit its field (with the type it takes)."""
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
   try:
     config = config_lib.load_config_file(spec)
   except Exception as e:  # noqa: BLE001 -- any failure of the config file.
     return f"could not build the config {spec}: {type(e).__name__}: {e}"
-  for arg in argv[1:]:
-    if arg.startswith("--config."):
-      key = arg[len("--config."):].split("=", 1)[0]
-      if not _has_key(config, key):
-        return config_lib.unknown_key_message(key, config)
-  return str(error).strip().splitlines()[0]
-
-
-def _has_key(config, dotted: str) -> bool:
-  node = config
-  for part in dotted.split("."):
-    try:
-      if part not in node:
-        return False
-      node = node[part]
-    except TypeError:
-      return False
-  return True
+  return config_lib.explain_override_error(error, config, argv[1:])
 
 
 def config_name() -> str:

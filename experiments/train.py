@@ -10,7 +10,15 @@ from __future__ import annotations
 import sys
 
 from experiments import cli
-from experiments.common import fail
+from experiments.common import fail, user_errors
+
+
+def run_errors() -> tuple[type[Exception], ...]:
+  """What a training run reports as one line (exit status 2): bad input, a
+  workdir or checkpoint it cannot use, or a diverged loss."""
+  from multimodal import checkpoint, trainer, workdir
+  return (*user_errors(), checkpoint.CheckpointError, workdir.WorkdirError,
+          trainer.TrainingDivergedError)
 
 
 def main(argv: list[str]) -> None:
@@ -35,14 +43,20 @@ def main(argv: list[str]) -> None:
     fail(str(e))
   # Heavy imports after the flags: a typo in a key fails in a second.
   import jax
-  from multimodal import tasks, trainer, report
+  from multimodal import preemption, tasks, trainer, report
   config = cli.CONFIG.value
   workdir = distributed.agree(cli.WORKDIR.value or cli.default_workdir())
   main_process = jax.process_index() == 0
   if main_process:
     print(f"Workdir: {workdir}")
-  task = tasks.get(config.task)(config)
-  summary = trainer.train(task, config, workdir)
+  try:
+    task = tasks.get(config.task)(config)
+    summary = trainer.train(task, config, workdir)
+  except preemption.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+  except run_errors() as e:
+    fail(str(e))
   if main_process:
     print(f"\nResults after {summary['step']} steps "
           f"({summary['wall_time_seconds']:.0f} s), saved to {workdir}/results.json:")

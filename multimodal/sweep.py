@@ -40,6 +40,7 @@ class SweepError(ValueError):
 def load_sweep(spec: str, arg: str | None = None):
   """Calls `get_sweep(arg)` of the config file `path[:ARGS]` names."""
   path = spec.partition(":")[0]
+  config_lib.check_arg_string(arg)  # Parsed by get_sweep, never evaluated.
   module_spec = importlib.util.spec_from_file_location(
       "_sweep_config_file", config_lib.resolve_config_path(path))
   module = importlib.util.module_from_spec(module_spec)
@@ -107,6 +108,10 @@ def _literal(key: str, value):
   if isinstance(value, str):
     if "\n" in value:
       raise SweepError(f"sweep key '{key}': value {value!r} spans lines.")
+    try:  # Passed on as --config.KEY=VALUE: never evaluated, and no code.
+      config_lib.check_override_value(key, value)
+    except config_lib.ConfigError as e:
+      raise SweepError(f"sweep: {e}") from None
     return value
   if isinstance(value, (list, tuple)):
     return tuple(_literal(key, v) for v in value)
@@ -121,11 +126,10 @@ def check_keys(points: list[dict], config, base_overrides=()) -> None:
            if a.startswith("--config.")}
   for point in points:
     for key in point:
-      node = config
-      for part in key.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-          raise SweepError("sweep: " + config_lib.unknown_key_message(key, config))
-        node = node[part]
+      try:
+        node = config_lib.get_dotted(config, key)
+      except config_lib.ConfigError as e:
+        raise SweepError(f"sweep: {e}") from None
       if isinstance(node, ml_collections.ConfigDict):
         raise SweepError(f"sweep key '{key}' is a whole sub-config; sweep its "
                          f"leaves instead (e.g. '{key}.{next(iter(node), 'x')}').")
@@ -179,7 +183,7 @@ def check_points(spec: str, points: list[dict], base_overrides=()) -> None:
     except Exception as e:  # noqa: BLE001 -- the flag parser raises many types.
       raise SweepError(f"sweep point {i} {point}: {_first_line(e)}") from None
     for key, want in point.items():
-      got = _get(config, key)
+      got = config_lib.get_dotted(config, key)
       if isinstance(got, list):
         got = tuple(got)
       if got != want or type(got) is not type(want) and not (
@@ -196,13 +200,6 @@ def check_points(spec: str, points: list[dict], base_overrides=()) -> None:
 def _first_line(error: Exception) -> str:
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
-
-
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
 
 
 # -- Points ----------------------------------------------------------------------

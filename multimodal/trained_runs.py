@@ -38,11 +38,7 @@ def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
     if shapes_world is not None:
       config.input.shapes_world = dict(shapes_world)
     for key, value in (overrides or {}).items():
-      *parents, leaf = key.split(".")
-      node = config
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+      config_lib.set_dotted(config, key, value)
   config_lib.validate(config)
   name = os.path.splitext(os.path.basename(config_spec.partition(":")[0]))[0]
   workdir = cache_workdir(config, cache_root, name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 
@@ -20,13 +19,30 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from multimodal import checkpoint, config_lib, optim, pretrained, sharding
+from multimodal import (checkpoint, config_lib, optim, preemption, pretrained,
+                        sharding, workdir as workdir_lib)
 from multimodal.data import pipeline
 from multimodal.metrics_writer import MetricsWriter
 
 
 class TrainingDivergedError(RuntimeError):
-  """The loss became NaN or infinite."""
+  """The loss or the gradients became NaN or infinite."""
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+def nan_policy(config) -> str:
+  """`config.nan_policy`: what a step whose loss, gradients or update are
+  not finite does. Either way its update is not applied, so the parameters (and every
+  checkpoint) stay finite. "stop" (default) ends the run at the next log or
+  checkpoint step, naming the first such step; "skip" goes on and counts the
+  skipped updates in the `nonfinite_steps` metric."""
+  policy = config.get("nan_policy") or "stop"
+  if policy not in NAN_POLICIES:
+    raise config_lib.ConfigError(
+        f"config.nan_policy={policy!r} must be one of {NAN_POLICIES}.")
+  return policy
 
 
 def ema_decay(config) -> float | None:
@@ -84,7 +100,11 @@ def create_train_state(task, config, mesh, total_steps: int):
     params = task.init(rng)
     # The optimizer state mirrors the params, boxes (and so shardings) included.
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": tx.init(params)}
+             "opt_state": tx.init(params),
+             # Steps whose update was dropped for a non-finite loss or
+             # gradient, and the first of them (0: none yet).
+             "health": {"nonfinite_steps": jnp.zeros((), jnp.int32),
+                        "first_nonfinite_step": jnp.zeros((), jnp.int32)}}
     if ema_decay(config) is not None:
       state["ema_params"] = params  # Same boxes, so sharded like the params.
     return state
@@ -113,26 +133,57 @@ def step_rng(config, step):
   return jax.random.fold_in(jax.random.key(config.seed + 1), step)
 
 
+def restore_state(mngr, abstract: dict):
+  """(state, data_position) of the newest usable checkpoint; see
+  checkpoint.restore. Checkpoints written before they carried integrity
+  records also predate the state's `health` counters: those restore at zero."""
+  if checkpoint.has_integrity_record(mngr, mngr.latest_step()):
+    return checkpoint.restore(mngr, abstract)
+  older = {k: v for k, v in abstract.items() if k != "health"}
+  state, data_position = checkpoint.restore(mngr, older)
+  state["health"] = jax.tree.map(
+      lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding),
+      abstract["health"])
+  return state, data_position
+
+
 def make_train_step(task, config, tx, schedule, state_shardings, mesh):
   def train_step(state, batch):
     rng = step_rng(config, state["step"])
     batch = task.random_draws(batch, rng)
     (loss, metrics), grads = task.loss_and_grads(
         state["params"], batch, rng, grad_accum_steps(config))
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state["step"])}
-    new_state = {"step": state["step"] + 1, "params": params,
-                 "opt_state": opt_state}
+    step = state["step"] + 1
+    updated = {"params": params, "opt_state": opt_state}
     if "ema_params" in state:
       # Warmed up as in diffusers' EMAModel: an average that started at the
       # random init would carry it for ~1/(1 - decay) steps, and a mix of
       # very different early weights is no model at all (pure-noise samples).
-      step = state["step"].astype(jnp.float32)
-      decay = jnp.minimum(ema_decay(config), (1 + step) / (10 + step))
-      new_state["ema_params"] = jax.tree.map(
+      count = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay(config), (1 + count) / (10 + count))
+      updated["ema_params"] = jax.tree.map(
           lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
+    # A non-finite loss, gradient or update (a finite gradient can still
+    # make one, through the learning rate or the optimizer's statistics)
+    # drops the whole update: params, optimizer moments and average stay the
+    # last finite ones, whatever the nan_policy, and the step is counted.
+    update_norm = optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             updated, {k: state[k] for k in updated})
+    health = state["health"]
+    new_state["health"] = {
+        "nonfinite_steps": health["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "first_nonfinite_step": jnp.where(
+            (health["nonfinite_steps"] == 0) & ~finite, step,
+            health["first_nonfinite_step"])}
+    new_state["step"] = step
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+               "update_norm": update_norm, "learning_rate": schedule(state["step"]),
+               **new_state["health"]}
     return new_state, metrics
 
   return jax.jit(train_step,
@@ -141,17 +192,22 @@ def make_train_step(task, config, tx, schedule, state_shardings, mesh):
                  donate_argnums=0)
 
 
-def _check_finite(metrics: dict, step: int, mngr) -> None:
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
-    last = mngr.latest_step()
-    kept = (f"the last good checkpoint (step {last}) is kept in "
-            f"{mngr.directory}" if last is not None else "no checkpoint was written yet")
-    raise TrainingDivergedError(
-        f"the loss became {loss} at step {step}; {kept}, and no state after "
-        "the divergence was saved. Lower --config.lr, set "
-        "--config.grad_clip_norm, or use --config.compute_dtype=float32, then "
-        "rerun: the run resumes from that checkpoint.")
+def _check_health(metrics: dict, policy: str, mngr) -> None:
+  """Under nan_policy "stop", ends the run once a step was not finite."""
+  count = int(metrics["nonfinite_steps"])
+  if policy != "stop" or not count:
+    return
+  first = int(metrics["first_nonfinite_step"])
+  last = mngr.latest_step()
+  kept = (f"the last good checkpoint (step {last}) is kept in "
+          f"{mngr.directory}" if last is not None else "no checkpoint was written yet")
+  raise TrainingDivergedError(
+      f"the loss or the gradients became NaN or infinite at step {first} "
+      f"({count} such step{'s' if count > 1 else ''} so far; their updates were "
+      f"not applied); {kept}. Lower --config.lr, set --config.grad_clip_norm, "
+      "or use --config.compute_dtype=float32, then rerun: the run resumes from "
+      "that checkpoint. --config.nan_policy=skip instead skips such steps and "
+      "counts them.")
 
 
 def run_evaluators(evaluators, params, mesh) -> dict:
@@ -163,36 +219,54 @@ def run_evaluators(evaluators, params, mesh) -> dict:
   return results
 
 
-def train(task, config, workdir: str) -> dict:
-  """Trains `task` as `config` says, in `workdir`; returns the final results."""
-  start_time = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  total_steps = config_lib.total_steps(config, task.num_train_examples())
+def _check_batch_divides(config, mesh) -> None:
+  """Every microbatch (the whole batch without accumulation) spans every
+  data-parallel device."""
   global_batch = config.input.batch_size
-  # Every microbatch (the whole batch without accumulation) spans every
-  # data-parallel device.
   micro, data_parallel = grad_accum_steps(config), sharding.data_parallel_size(mesh)
   if global_batch % (micro * data_parallel):
     times = f"config.grad_accum_steps={micro} x " if micro > 1 else ""
     raise config_lib.ConfigError(
         f"config.input.batch_size={global_batch} must be divisible by {times}the "
         f"{data_parallel} data-parallel devices of config.mesh={dict(config.mesh)}.")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+
+
+def train(task, config, workdir: str) -> dict:
+  """Trains `task` as `config` says, in `workdir`; returns the final results.
+
+  SIGTERM/SIGINT (from here on, compilation included) save a checkpoint
+  after the step in flight and raise preemption.Preempted; rerunning resumes
+  from the newest valid checkpoint, bit-identically (the data order and every
+  step's randomness are functions of the seed and the step).
+  """
+  with preemption.StopRequests() as stop_requests:
+    return _train(task, config, workdir, stop_requests)
+
+
+def _train(task, config, workdir: str, stop_requests) -> dict:
+  start_time = time.time()
+  mesh = sharding.make_mesh(config.mesh)
+  total_steps = config_lib.total_steps(config, task.num_train_examples())
+  _check_batch_divides(config, mesh)
+  policy = nan_policy(config)
+  keep = config.get("keep_ckpts", 2)
 
   with sharding.mesh_context(mesh):
     init_fn, state_shardings, tx, schedule = create_train_state(
         task, config, mesh, total_steps)
+    abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)
+    # Before anything compiles: a workdir that cannot take the checkpoints
+    # fails now, not at the first save.
+    workdir_lib.check(workdir, checkpoint_bytes=workdir_lib.state_bytes(abstract),
+                      checkpoints_kept=keep)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
     train_step = make_train_step(task, config, tx, schedule, state_shardings, mesh)
-    mngr = checkpoint.manager(workdir, save_interval_steps=config.ckpt_steps,
-                              keep=config.get("keep_ckpts", 2))
+    mngr = checkpoint.manager(workdir, save_interval_steps=config.ckpt_steps, keep=keep)
     resuming = mngr.latest_step() is not None
     if resuming:
-      abstract = checkpoint.abstract_like(
-          jax.eval_shape(init_fn), state_shardings)
-      state, data_position = checkpoint.restore(mngr, abstract)
+      state, data_position = restore_state(mngr, abstract)
       print(f"Resuming from step {int(state['step'])} of {mngr.directory}.")
   if not resuming:
     # Read outside the mesh context: importers trace their own shapes, and
@@ -200,17 +274,22 @@ def train(task, config, workdir: str) -> dict:
     weights = list(task.pretrained_params())
     with sharding.mesh_context(mesh):
       state = with_pretrained(weights, init_fn(), state_shardings)
-    data_position = {"examples_per_process": 0}
+    data_position = None
   start_step = int(state["step"])
-  local_batch = global_batch // jax.process_count()
+  local_batch = config.input.batch_size // jax.process_count()
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resume_step=start_step)
   evaluators = task.evaluators(mesh, workdir)
+  # Where each shard's raw stream stands, and the records it skipped or
+  # converted: exact across resumes even when bad records are dropped.
+  shards = pipeline.Shards.of(sharding.batch_sharding(mesh))
+  stream = pipeline.StreamTracker.restore(data_position, shards, local_batch)
+  max_skipped = config.input.get("max_skipped_fraction",
+                                 pipeline.DEFAULT_MAX_SKIPPED_FRACTION)
   ds = task.train_dataset(
-      start_example=data_position["examples_per_process"],
+      start_positions=stream.start_positions(),
       local_batch_size=local_batch, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      shards=pipeline.Shards.of(sharding.batch_sharding(mesh)))
+      process_count=jax.process_count(), shards=shards)
   batches = pipeline.iterate_global(ds, sharding.batch_sharding(mesh),
                                     what=f"{config.input.data}[{config.input.split}]")
   log_every = config.get("log_steps", 50)
@@ -221,19 +300,28 @@ def train(task, config, workdir: str) -> dict:
   try:
     with sharding.mesh_context(mesh):
       for step in range(start_step + 1, total_steps + 1):
-        state, metrics = train_step(state, next(batches))
+        state, metrics = train_step(state, stream.observe(next(batches)))
         progress.update(1)
         is_last = step == total_steps
-        if step % log_every == 0 or is_last or step % config.ckpt_steps == 0:
-          metrics = jax.device_get(metrics)
-          _check_finite(metrics, step, mngr)
+        stopping = stop_requests.requested(step)
+        saving = is_last or stopping or mngr.should_save(step)
+        if step % log_every == 0 or saving:
+          metrics = {**jax.device_get(metrics), **stream.metrics()}
+          _check_health(metrics, policy, mngr)
           writer.write(step, metrics)
+          stream.check(max_skipped)
           progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-        checkpoint.save(mngr, step, state,
-                        {"examples_per_process": step * local_batch},
-                        force=is_last)
+        if saving:
+          checkpoint.save(mngr, step, state, stream.to_json(),
+                          force=is_last or stopping)
+        if stopping:
+          mngr.wait_until_finished()
+          raise preemption.Preempted(step, stop_requests.signal_name, mngr.directory)
         if eval_every and step % eval_every == 0 and not is_last:
           writer.write(step, run_evaluators(evaluators, eval_params(state), mesh))
+  except BaseException:
+    writer.close()
+    raise
   finally:
     progress.close()
     mngr.wait_until_finished()
@@ -259,7 +347,7 @@ def restore_latest(task, config, workdir: str, mesh) -> dict:
     init_fn, state_shardings, _, _ = create_train_state(task, config, mesh, total_steps)
     mngr = checkpoint.manager(workdir, read_only=True)
     abstract = checkpoint.abstract_like(jax.eval_shape(init_fn), state_shardings)
-    state, _ = checkpoint.restore(mngr, abstract)
+    state, _ = restore_state(mngr, abstract)
   return state
 
 

@@ -6,6 +6,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  # One persistent compilation cache per test session, shared with the
+  # training processes tests start: the many tiny runs compile the same
+  # programs again and again, and a cache hit turns that into a file read.
+  # Fresh each session, so a test never depends on an earlier one.
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="multimodal-tests-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest  # noqa: E402
 
@@ -25,6 +38,7 @@ def data_dir(tmp_path_factory):
 def tiny_clip_config(data_dir, arg="", **overrides):
   """The default CLIP config shrunk to test size, on the tiny world."""
   from configs import clip_shapes
+  from multimodal import config_lib
   base = "variant=mu/8,text_variant=mu,steps=20,res=32,batch=32"
   config = clip_shapes.get_config(f"{base},{arg}" if arg else base)
   config.input.data_dir = data_dir
@@ -36,11 +50,7 @@ def tiny_clip_config(data_dir, arg="", **overrides):
   for evaluator in config.evals.values():
     evaluator.batch_size = 64
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_dotted(config, key, value)
   return config
 
 

@@ -109,7 +109,7 @@ def test_two_processes_train_like_one(one_process_run, data_dir, tmp_path):
   assert step == reference_step == STEPS
   assert_same_params(params, reference)
   expected = losses(one_process_run)
-  assert sorted(losses(workdir)) == sorted(expected) == [2, 4, 6]
+  assert sorted(losses(workdir)) == sorted(expected) and {2, 4, 6} <= set(expected)
   for step, loss in losses(workdir).items():
     assert loss == pytest.approx(expected[step], rel=1e-6)
 
@@ -129,29 +129,62 @@ def test_rerun_of_both_processes_resumes(one_process_run, data_dir, tmp_path):
   assert_same_params(params, final_params(one_process_run)[1])
 
 
-@pytest.mark.slow
-def test_a_killed_process_stops_the_other(clip_task, data_dir, tmp_path):
-  """No launcher here (it would stop the survivor itself): the survivor's
-  own jax.distributed heartbeat and collectives notice the dead peer."""
+def _start_two_processes(data_dir, workdir, logs, steps=100_000):
+  """Both processes of a long run, started directly (no launcher: it would
+  stop a survivor itself), each logging to its own file."""
   from experiments import launcher
-  workdir = tmp_path / "killed"
   port = launcher.free_port()
   args = [sys.executable, "-m", "experiments.train", *ARGS,
-          f"--config.input.data_dir={data_dir}", "--config.total_steps=100000",
+          f"--config.input.data_dir={data_dir}", f"--config.total_steps={steps}",
           f"--workdir={workdir}"]
-  procs, logs = [], [tmp_path / f"{i}.log" for i in range(2)]
+  procs = []
   for i in range(2):
     env = {**_env(4), **launcher.local_env(i, 2, port, 4),
            "MM_HEARTBEAT_TIMEOUT": "10"}
     with open(logs[i], "w") as log:
       procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log,
                                     stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait_for(path, procs, logs, timeout=600):
+  deadline = time.monotonic() + timeout
+  while not path.exists():
+    assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+    assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_then_a_killed_process_stops_the_other(
+    clip_task, data_dir, tmp_path):
+  """SIGTERM to one process (what a scheduler sends a preempted host): both
+  agree on a step through JAX's preemption sync point, save it jointly and
+  exit with code 75. The rerun of both resumes from that step; SIGKILL of
+  one of them then makes the other exit with an error within a minute, from
+  its own jax.distributed heartbeat and collectives, instead of hanging."""
+  from multimodal import preemption
+  workdir = tmp_path / "run"
+  logs = [tmp_path / f"{i}.log" for i in range(2)]
+  procs = _start_two_processes(data_dir, workdir, logs)
   try:
-    deadline = time.monotonic() + 600
-    while not (workdir / "checkpoints" / "2").exists():
-      assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
-      assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
-      time.sleep(0.5)
+    _wait_for(workdir / "checkpoints" / "2", procs, logs)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  texts = [log.read_text() for log in logs]
+  assert [p.returncode for p in procs] == [preemption.PREEMPTED_EXIT_CODE] * 2, texts[0][-3000:]
+  saved = [int(t.split("saved a checkpoint at step ")[1].split()[0]) for t in texts]
+  assert saved[0] == saved[1] and (workdir / "checkpoints" / str(saved[0])).exists()
+
+  procs = _start_two_processes(data_dir, workdir, logs)
+  try:
+    _wait_for(workdir / "checkpoints" / str(saved[0] + 2), procs, logs)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     procs[0].wait(timeout=120)
@@ -161,5 +194,7 @@ def test_a_killed_process_stops_the_other(clip_task, data_dir, tmp_path):
       if p.poll() is None:
         p.kill()
         p.wait()
-  assert procs[0].returncode != 0, logs[0].read_text()[-3000:]
+  text = logs[0].read_text()
+  assert f"Resuming from step {saved[0]} of" in text, text[-3000:]
+  assert procs[0].returncode != 0, text[-3000:]
   assert waited < 60, waited

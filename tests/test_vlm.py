@@ -227,7 +227,7 @@ def test_tune_from_hf_llama(data_dir, clip_workdir, hf_llama_dir):
   config = vlm_config(data_dir, clip_workdir, "tune", 2)
   with config.unlocked():
     config.init.from_hf = directory
-    config.init.lm.config = "configs/does_not_exist.py"  # Must not be needed.
+    config.init.lm.config = None  # Must not be needed.
   task = vlm.VisionLanguageTask(config)
   kwargs, imported = hf_llama.load_hf_llama(directory)
   assert task.lm_kwargs == kwargs

@@ -27,6 +27,17 @@ import tensorflow as tf
 Op = Callable[[dict], dict]
 
 SEED_KEY = "_seed"
+# Per-example int32 counters (0 or 1) of records a training stream handled
+# rather than skipped. The training input pipeline adds them, set to 0,
+# before the pp; ops update them; `keep` keeps them; the pipeline sums them
+# into its metrics. Their presence also marks the training stream, where an
+# op may fail on a record it cannot use (an empty caption) because the
+# pipeline skips that record; an evaluation stream, which has no counters,
+# sees every record handled as before.
+COUNT_PREFIX = "_count_"
+CONVERTED_IMAGES = COUNT_PREFIX + "converted_images"
+TRUNCATED_TEXTS = COUNT_PREFIX + "truncated_captions"
+COUNT_KEYS = (CONVERTED_IMAGES, TRUNCATED_TEXTS)
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3",
                   "lanczos5", "gaussian", "mitchellcubic")
 # Factory parameters that build() supplies; a spec cannot set them.
@@ -127,6 +138,48 @@ def _get(example: Mapping, key: str):
   return example[key]
 
 
+def _count(example: dict, key: str, flag) -> None:
+  """Marks this example as counted under `key`, if the stream counts."""
+  if key in example:
+    example[key] = tf.maximum(example[key], tf.cast(flag, tf.int32))
+
+
+def _reject_empty_text(example: Mapping, op: str, key: str, empty, value):
+  """In a training stream, `value` behind a check that fails on empty text
+  (the pipeline then skips the record); elsewhere `value` as is."""
+  if TRUNCATED_TEXTS not in example:
+    return value
+  check = tf.debugging.Assert(tf.logical_not(empty),
+                              [f"{op}: the text in {key!r} is empty"])
+  with tf.control_dependencies([check]):
+    return tf.nest.map_structure(tf.identity, value)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Channels of a PNG by IHDR colour type: grey, RGB, palette, grey+alpha, RGBA.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def _needs_conversion(value: tf.Tensor, channels: int) -> tf.Tensor:
+  """True when the encoded image is not `channels` x 8 bits as stored: a
+  greyscale, grey+alpha or RGBA PNG or JPEG (CMYK) for 3 channels, or a
+  16-bit PNG. Read from the header alone (PNG: IHDR; JPEG: its frame)."""
+  head = tf.strings.substr(value, 0, 26)
+  head = tf.io.decode_raw(tf.strings.substr(
+      tf.strings.join([head, tf.constant(b"\0" * 26)]), 0, 26), tf.uint8)
+  is_png = tf.reduce_all(tf.equal(head[:8], tf.constant(list(_PNG_SIGNATURE), tf.uint8)))
+  depth, colour_type = tf.cast(head[24], tf.int32), tf.cast(head[25], tf.int32)
+  png_channels = tf.constant(0)
+  for code, n in _PNG_CHANNELS.items():
+    png_channels = tf.where(tf.equal(colour_type, code), n, png_channels)
+  png_converted = is_png & (tf.not_equal(png_channels, channels) | tf.equal(depth, 16))
+  jpeg_converted = tf.cond(
+      tf.io.is_jpeg(value),
+      lambda: tf.not_equal(tf.io.extract_jpeg_shape(value)[2], channels),
+      lambda: tf.constant(False))
+  return png_converted | jpeg_converted
+
+
 def _seed(example: Mapping) -> tf.Tensor:
   if SEED_KEY not in example:
     raise PreprocessError(
@@ -143,6 +196,10 @@ def decode(key="image", channels=3) -> Op:
 
   A uint8 tensor (TFDS decodes images unless the pipeline passes
   tfds.decode.SkipDecoding()) passes through unchanged, so specs need not care.
+  Other layouts are converted: greyscale becomes RGB (the grey value in each
+  channel), RGBA drops its alpha channel, and a 16-bit PNG becomes 8-bit as
+  value >> 8 (0..65535 onto 0..255, within 1 of round(value / 257)); a
+  training stream counts these images (CONVERTED_IMAGES).
   """
   _key("key", key)
   _int("channels", channels)
@@ -157,7 +214,10 @@ def decode(key="image", channels=3) -> Op:
     image = tf.io.decode_image(value, channels=channels,
                                expand_animations=False)
     image.set_shape([None, None, channels])
-    return {**example, key: image}
+    example = {**example, key: image}
+    if CONVERTED_IMAGES in example:
+      _count(example, CONVERTED_IMAGES, _needs_conversion(value, channels))
+    return example
   return fn
 
 
@@ -356,8 +416,12 @@ def choice(inkey, outkey=None) -> Op:
 def tokenize(max_len, inkey="text", outkey="tokens", *, tokenizer=None) -> Op:
   """Tokenizes a string to int32 [max_len] ids (1-D strings: [n, max_len]).
 
-  Ids end with EOS and are padded with 0 (see Tokenizer.encode). The tokenizer
-  comes from build(spec, tokenizer=...), not from the spec.
+  Ids end with EOS and are padded with 0 (see Tokenizer.encode); a longer
+  text is cut to fit. The tokenizer comes from build(spec, tokenizer=...),
+  not from the spec. In a training stream the op counts cut texts
+  (TRUNCATED_TEXTS) and fails on an empty (all-whitespace) text (1-D: on
+  any), which the pipeline then skips; evaluation tokenizes an empty text
+  to just EOS.
   """
   _int("max_len", max_len)
   _key("inkey", inkey)
@@ -366,9 +430,23 @@ def tokenize(max_len, inkey="text", outkey="tokens", *, tokenizer=None) -> Op:
   def fn(example):
     if tokenizer is None:
       raise PreprocessError("tokenize needs build(spec, tokenizer=...)")
-    tokens = tokenizer.tf_encode(_get(example, inkey), max_len)
-    return {**example, outkey: tokens}
+    text = _get(example, inkey)
+    if TRUNCATED_TEXTS not in example:
+      return {**example, outkey: tokenizer.tf_encode(text, max_len)}
+    if _has_flags(tokenizer.tf_encode):
+      tokens, truncated, empty = tokenizer.tf_encode(text, max_len, with_flags=True)
+    else:  # A tokenizer that cannot tell: only ASCII whitespace is empty.
+      tokens, truncated = tokenizer.tf_encode(text, max_len), False
+      empty = tf.reduce_any(tf.equal(tf.strings.strip(text), ""))
+    example = {**example, outkey: _reject_empty_text(
+        example, "tokenize", inkey, empty, tokens)}
+    _count(example, TRUNCATED_TEXTS, truncated)
+    return example
   return fn
+
+
+def _has_flags(tf_encode) -> bool:
+  return "with_flags" in inspect.signature(tf_encode).parameters
 
 
 def object_label(attribute="shape", outkey="label", inkey="objects") -> Op:
@@ -453,7 +531,9 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
   masks: "mask_ar" (0 over the prompt, attended bidirectionally; 1 over the
   answer and EOS, causal), "mask_loss" (1 where the token is a training
   target: the answer and EOS) and "input_mask" (1 on real tokens). A long
-  answer is cut so that EOS always fits; the prompt keeps its tokens.
+  answer is cut so that EOS always fits; the prompt keeps its tokens. In a
+  training stream, cut texts are counted (TRUNCATED_TEXTS) and an empty
+  answer fails, so that the pipeline skips the record.
   """
   max_len = _int("max_len", max_len, minimum=2)
   _key("prompt_key", prompt_key)
@@ -481,12 +561,35 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
     out[3, :n] = 1  # input_mask
     return out
 
+  def flags(prompt, answer):
+    """(whether layout cut a text to fit, whether the answer is empty)."""
+    # One more position than layout has: a text with max_len or more ids
+    # still shows that it has at least that many, which never fit.
+    p_ids = tokenizer.encode([prompt], max_len + 1)[0]
+    a_ids = tokenizer.encode([answer], max_len + 1)[0]
+    n_prompt = int(np.argmax(p_ids == tokenizer.eos_id))
+    n_answer = int(np.argmax(a_ids == tokenizer.eos_id))
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if bos_id is not None and n_answer and a_ids[0] == bos_id:
+      n_answer -= 1
+    kept_prompt = min(n_prompt, max_len - 1)
+    cut = n_prompt > kept_prompt or n_answer > max_len - kept_prompt - 1
+    return np.bool_(cut), np.bool_(not answer.strip())
+
   def fn(example):
     if tokenizer is None:
       raise PreprocessError("vlm_text needs build(spec, tokenizer=...)")
-    out = tf.numpy_function(
-        lambda p, a: layout(_as_str(p), _as_str(a)),
-        [_get(example, prompt_key), _get(example, answer_key)], tf.int32, stateful=False)
+    texts = [_get(example, prompt_key), _get(example, answer_key)]
+    if TRUNCATED_TEXTS not in example:
+      out = tf.numpy_function(lambda p, a: layout(_as_str(p), _as_str(a)),
+                              texts, tf.int32, stateful=False)
+    else:
+      out, cut, empty = tf.numpy_function(
+          lambda p, a: (layout(_as_str(p), _as_str(a)), *flags(_as_str(p), _as_str(a))),
+          texts, [tf.int32, tf.bool, tf.bool], stateful=False)
+      out = _reject_empty_text(example, "vlm_text", answer_key, empty, out)
+      example = dict(example)
+      _count(example, TRUNCATED_TEXTS, cut)
     out.set_shape([4, max_len])
     return {**example, "text": out[0], "mask_ar": out[1], "mask_loss": out[2],
             "input_mask": out[3]}
@@ -518,9 +621,12 @@ def object_attributes(max_objects=3, inkey="objects") -> Op:
 
 
 def keep(*keys) -> Op:
-  """Keeps only the listed keys (each must exist); all others, _seed too, go."""
+  """Keeps only the listed keys (each must exist); all others, _seed too, go,
+  except a training stream's record counters (COUNT_KEYS)."""
   _keys(keys)
-  return lambda example: {k: _get(example, k) for k in keys}
+  return lambda example: {
+      **{k: v for k, v in example.items() if k.startswith(COUNT_PREFIX)},
+      **{k: _get(example, k) for k in keys}}
 
 
 def drop(*keys) -> Op:

@@ -52,6 +52,12 @@ class Tokenizer:
     Each row is the text's ids followed by EOS, then pad_id. Too-long texts
     are truncated to max_len - 1 ids so that EOS is always the last real token.
     """
+    return self.encode_with_flags(texts, max_len)[0]
+
+  def encode_with_flags(self, texts: Sequence[str] | str, max_len: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`encode`, plus which rows were truncated and which texts are empty
+    (nothing but whitespace): (ids [n, max_len], truncated [n], empty [n])."""
     if max_len < 1:
       raise ValueError(f"max_len must be >= 1 (room for EOS), got {max_len}")
     if isinstance(texts, (str, bytes)):
@@ -59,10 +65,13 @@ class Tokenizer:
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
              for t in texts]
     out = np.full((len(texts), max_len), PAD_ID, dtype=np.int32)
+    truncated = np.zeros(len(texts), bool)
     for row, ids in enumerate(self._sp.encode(texts, out_type=int)):
+      truncated[row] = len(ids) > max_len - 1
       ids = ids[: max_len - 1] + [EOS_ID]
       out[row, : len(ids)] = ids
-    return out
+    empty = np.array([not t.strip() for t in texts], bool)
+    return out, truncated, empty
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Decodes one sequence of ids; stops at the first EOS, ignores pad."""
@@ -75,11 +84,14 @@ class Tokenizer:
     """Decodes an [n, len] array of ids row by row."""
     return [self.decode(row) for row in np.asarray(ids)]
 
-  def tf_encode(self, text, max_len: int):
+  def tf_encode(self, text, max_len: int, *, with_flags: bool = False):
     """`encode` for tf.data: scalar string -> [max_len], 1-D -> [n, max_len].
 
     Runs the same Python code path as `encode` through tf.numpy_function, so
     ids are identical. (Holds the GIL: fine for captions, which are short.)
+    with_flags=True returns (ids, truncated, empty): bool scalars, true when
+    the text (for 1-D input: any of the texts) was cut to fit max_len, or
+    holds nothing but whitespace.
     """
     import tensorflow as tf  # Local: numpy-only users need not pay for TF.
 
@@ -90,15 +102,29 @@ class Tokenizer:
     if rank not in (0, 1):
       raise ValueError("tf_encode needs a scalar or 1-D string tensor, got "
                        f"shape {text.shape}")
+    shape = [max_len] if rank == 0 else [text.shape[0], max_len]
 
-    def _np_encode(t):
-      ids = self.encode(np.asarray(t).reshape(-1).tolist(), max_len)
-      return ids[0] if rank == 0 else ids
+    if not with_flags:
+      def _np_encode(t):
+        ids = self.encode(np.asarray(t).reshape(-1).tolist(), max_len)
+        return ids[0] if rank == 0 else ids
 
-    ids = tf.numpy_function(_np_encode, [text], tf.int32, stateful=False)
-    # numpy_function loses shape information; restore it for batching.
-    ids.set_shape([max_len] if rank == 0 else [text.shape[0], max_len])
-    return ids
+      ids = tf.numpy_function(_np_encode, [text], tf.int32, stateful=False)
+      # numpy_function loses shape information; restore it for batching.
+      ids.set_shape(shape)
+      return ids
+
+    def _np_encode_with_flags(t):
+      ids, truncated, empty = self.encode_with_flags(
+          np.asarray(t).reshape(-1).tolist(), max_len)
+      return ids[0] if rank == 0 else ids, truncated.any(), empty.any()
+
+    ids, truncated, empty = tf.numpy_function(
+        _np_encode_with_flags, [text], [tf.int32, tf.bool, tf.bool], stateful=False)
+    ids.set_shape(shape)
+    truncated.set_shape([])
+    empty.set_shape([])
+    return ids, truncated, empty
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str,

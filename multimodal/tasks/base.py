@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import jax
 import tensorflow as tf
 
-from multimodal import accumulate, config_lib, sharding
+from multimodal import accumulate, config_checks, config_lib, sharding
 from multimodal.data import pipeline, sources
 from multimodal.models import layers
 
@@ -23,6 +23,11 @@ class Task(abc.ABC):
 
   def __init__(self, config):
     self.config = config
+    # Before any data or weights are read, let alone compiled: image sizes
+    # that the model's patch divides, and runs or weights to start from that
+    # exist (also checked by config_lib.validate when a command line parses).
+    config_checks.check_image_patch(config)
+    config_checks.check_init_paths(config)
     self.source = sources.open_source(
         config.input.data, data_dir=config.input.get("data_dir"),
         shapes_world=config.input.get("shapes_world"))
@@ -87,14 +92,19 @@ class Task(abc.ABC):
     """A predicate on raw training examples; only those it keeps are used."""
     return None
 
-  def train_dataset(self, *, start_example: int, local_batch_size: int,
-                    process_index: int, process_count: int,
-                    shards: pipeline.Shards | None = None) -> tf.data.Dataset:
+  def train_dataset(self, *, local_batch_size: int, process_index: int,
+                    process_count: int, shards: pipeline.Shards | None = None,
+                    start_example: int = 0,
+                    start_positions=None) -> tf.data.Dataset:
+    """The training stream (pipeline.train_dataset): from the beginning, or
+    from `start_positions` (pipeline.StreamTracker.start_positions(): one
+    per shard of this process), or from `start_example` (the old position:
+    examples consumed by this process, when no record was skipped)."""
     return pipeline.train_dataset(
         self.source, split=self.config.input.split, pp_fn=self.train_pp(),
         filter_fn=self.train_filter(),
         local_batch_size=local_batch_size, seed=self.config.seed,
-        start_example=start_example,
+        start_example=start_example, start_positions=start_positions,
         shuffle_buffer=self.config.input.shuffle_buffer,
         process_index=process_index, process_count=process_count, shards=shards)
 

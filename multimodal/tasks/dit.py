@@ -41,6 +41,12 @@ class DiffusionTask(base.Task):
   def __init__(self, config):
     super().__init__(config)
     m = config.model
+    # Latent diffusion: a frozen VAE between pixels and the DiT. Read first,
+    # so that latents the patch does not divide fail before anything else.
+    vae_dir = config.get("vae", {}).get("from_diffusers")
+    self.codec = (diffusers_vae.load_codec(vae_dir, config.vae.get("scale_factor"))
+                  if vae_dir else None)
+    self._check_latent_size()
     self.imported = self._import_diffusers_dit()
     self.text_encoder = self._text_encoder()
     text = {}
@@ -58,10 +64,30 @@ class DiffusionTask(base.Task):
     self.num_timesteps = d.num_timesteps
     self.schedule = schedules.named_schedule(d.beta_schedule, d.num_timesteps)
     self.prediction = d.prediction
-    # Latent diffusion: a frozen VAE between pixels and the DiT.
-    vae_dir = config.get("vae", {}).get("from_diffusers")
-    self.codec = (diffusers_vae.load_codec(vae_dir, config.vae.get("scale_factor"))
-                  if vae_dir else None)
+
+  def _check_latent_size(self) -> None:
+    """Through a VAE the DiT patchifies latents: the image size must be a
+    multiple of the VAE's downsampling, and the latents' of the patch (pixel
+    space: config_checks.check_image_patch)."""
+    if self.codec is None:
+      return
+    size, factor = self.config.input.image_size, self.codec.model.downsample_factor
+    vae = f"the VAE of config.vae.from_diffusers={self.config.vae.from_diffusers!r}"
+    if size % factor:
+      raise config_lib.ConfigError(
+          f"config.input.image_size={size} is not divisible by the downsampling "
+          f"factor {factor} of {vae}: use {size // factor * factor or factor} or "
+          f"{(size // factor + 1) * factor}.")
+    ph, pw = dit.DiT(variant=self.config.model.variant)._config()["patch_size"]
+    h, w, _ = self.image_shape
+    if h % ph or w % pw:
+      step = factor * ph
+      raise config_lib.ConfigError(
+          f"config.input.image_size={size} gives {h}x{w} latents through {vae} "
+          f"(which downsamples by {factor}), not divisible by the {ph}x{pw} patch of "
+          f"config.model.variant={self.config.model.variant!r}: use an image size "
+          f"that is a multiple of {step} (e.g. {size // step * step or step} or "
+          f"{(size // step + 1) * step}), or a smaller patch.")
 
   def _text_encoder(self):
     conditioning = self.config.model.get("conditioning", "class")

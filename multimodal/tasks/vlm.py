@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multimodal import config_lib, sharding, trained_runs, trainer
+from multimodal import config_checks, config_lib, sharding, trained_runs, trainer
 from multimodal.data import preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import captioning, vqa
 from multimodal.importers import hf_llama, hf_tokenizer, safetensors_io
@@ -56,6 +56,7 @@ class VisionLanguageTask(base.Task):
       vision_config = config_lib.load_workdir_config(self.vision_workdir)
       image = vision_config.model.image.to_dict()
       self.image_size = vision_config.input.image_size
+      self._check_image_sizes(vision_config)
     if self.hf_lm:  # The checkpoint's architecture, whatever model.lm says.
       hf_config = safetensors_io.read_json_object(os.path.join(self.hf_lm, "config.json"))
       self.lm_kwargs = hf_llama.decoder_kwargs_from_config(hf_config)
@@ -69,6 +70,20 @@ class VisionLanguageTask(base.Task):
         vision_layer=config.model.vision_layer, causal=config.model.causal,
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     self.decoder = decoder.Decoder(**self.lm_kwargs)
+
+  def _check_image_sizes(self, vision_config) -> None:
+    """This config's images (input.pp, evals.*.pp) against the vision run's
+    patch and, for its learned position embeddings, its image size."""
+    found = config_checks.tower_patch(vision_config.model.image, "model.image")
+    if found is None:
+      return
+    where = f"the vision run (config.model.vision) in {self.vision_workdir!r}"
+    patch_key, patch = found
+    config_checks.check_image_sizes(
+        self.config, patch=patch, patch_key=f"{patch_key} of {where}",
+        pp_keys=config_checks.image_pp_keys(self.config),
+        image_size=self.image_size, image_size_key=f"input.image_size of {where}",
+        same_size=vision_config.model.image.get("posemb", "learn") == "learn")
 
   def _resolve(self, run_config, overrides=None) -> str:
     return trained_runs.resolve(
