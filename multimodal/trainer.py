@@ -26,7 +26,7 @@ from multimodal.metrics_writer import MetricsWriter
 
 
 class TrainingDivergedError(RuntimeError):
-  """The loss or the gradients became NaN or infinite."""
+  """The loss, the gradients or the update became NaN or infinite."""
 
 
 NAN_POLICIES = ("stop", "skip")
@@ -202,7 +202,7 @@ def _check_health(metrics: dict, policy: str, mngr) -> None:
   kept = (f"the last good checkpoint (step {last}) is kept in "
           f"{mngr.directory}" if last is not None else "no checkpoint was written yet")
   raise TrainingDivergedError(
-      f"the loss or the gradients became NaN or infinite at step {first} "
+      f"the loss, the gradients or the update became NaN or infinite at step {first} "
       f"({count} such step{'s' if count > 1 else ''} so far; their updates were "
       f"not applied); {kept}. Lower --config.lr, set --config.grad_clip_norm, "
       "or use --config.compute_dtype=float32, then rerun: the run resumes from "

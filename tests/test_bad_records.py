@@ -365,7 +365,7 @@ def test_without_bad_records_the_batches_are_the_ones_from_before(tmp_path, pp):
     old = _old_train_dataset(source, pp_fn=pp, local_batch_size=4, seed=3,
                              start_example=start_example, shuffle_buffer=8,
                              shards=TWO_SHARDS)
-    new = _train(source, pp, start_example=start_example)
+    new = _train(source, pp, start_positions=[start_example // 2] * 2)
     want = [next(old) for _ in range(6)]
     got = [{k: v for k, v in next(new).items() if not pipeline.is_host_only(k)}
            for _ in range(6)]

@@ -3,6 +3,7 @@ step and rerun ends with parameters bit-identical to an uninterrupted run
 (CLIP, DiT and the VLM); SIGTERM and SIGINT checkpoint the step in flight
 and exit with the documented code; NaN updates are stopped or skipped and
 never saved; a workdir that cannot take the run fails before compilation."""
+import contextlib
 import json
 import os
 import random
@@ -182,6 +183,17 @@ def _nan_after(monkeypatch, bad_from_step):
   monkeypatch.setattr(optim, "make_optimizer", make_optimizer)
 
 
+@contextlib.contextmanager
+def _training_with(clip_task, config):
+  """The session's clip_task (its tokenizer trained once) on `config`, then
+  back on the default tiny config."""
+  clip_task.config = config
+  try:
+    yield
+  finally:
+    clip_task.config = tiny_clip_config(config.input.data_dir)
+
+
 def _nan_config(data_dir, policy):
   config = _without_evals(tiny_clip_config(data_dir))
   config.total_steps = 10
@@ -194,12 +206,9 @@ def test_nan_policy_stop_names_the_first_bad_step_and_keeps_the_last_good_checkp
     clip_task, data_dir, tmp_path, monkeypatch):
   _nan_after(monkeypatch, bad_from_step=7)
   config = _nan_config(data_dir, "stop")
-  clip_task.config = config
-  try:
-    with pytest.raises(trainer.TrainingDivergedError) as info:
-      trainer.train(clip_task, config, str(tmp_path / "stop"))
-  finally:
-    clip_task.config = tiny_clip_config(data_dir)
+  with _training_with(clip_task, config), pytest.raises(
+      trainer.TrainingDivergedError) as info:
+    trainer.train(clip_task, config, str(tmp_path / "stop"))
   message = str(info.value)
   assert "at step 7" in message and "last good checkpoint (step 5)" in message
   saved = [int(n) for n in os.listdir(tmp_path / "stop" / "checkpoints") if n.isdigit()]
@@ -210,11 +219,8 @@ def test_nan_policy_skip_drops_and_counts_the_bad_updates(
     clip_task, data_dir, tmp_path, monkeypatch):
   _nan_after(monkeypatch, bad_from_step=7)
   config = _nan_config(data_dir, "skip")
-  clip_task.config = config
-  try:
+  with _training_with(clip_task, config):
     summary = trainer.train(clip_task, config, str(tmp_path / "skip"))
-  finally:
-    clip_task.config = tiny_clip_config(data_dir)
   assert summary["step"] == 10
   with open(tmp_path / "skip" / "metrics.jsonl") as f:
     last = [json.loads(line) for line in f][-1]
@@ -240,12 +246,9 @@ def _fails_before_compiling(clip_task, config, workdir, monkeypatch):
   compiled = []
   monkeypatch.setattr(trainer, "make_train_step",
                       lambda *a, **k: compiled.append(1))
-  clip_task.config = config
-  try:
-    with pytest.raises(workdir_lib.WorkdirError) as info:
-      trainer.train(clip_task, config, workdir)
-  finally:
-    clip_task.config = tiny_clip_config(config.input.data_dir)
+  with _training_with(clip_task, config), pytest.raises(
+      workdir_lib.WorkdirError) as info:
+    trainer.train(clip_task, config, workdir)
   assert not compiled
   return str(info.value)
 

@@ -153,7 +153,7 @@ def test_clip_task_ring_loss_equals_dense(data_dir):
   dense_task = copy.copy(ring_task)  # Same model and tokenizer.
   dense_task.config = ring_task.config.copy_and_resolve_references()
   dense_task.config.loss_impl = "dense"
-  ds = ring_task.train_dataset(start_example=0, local_batch_size=32,
+  ds = ring_task.train_dataset(local_batch_size=32,
                                process_index=0, process_count=1)
   local_batch = next(ds.as_numpy_iterator())
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

@@ -62,7 +62,7 @@ def family(request, data_dir, clip_workdir):
     config.lr = 1.0
     config.adam_eps = 1.0
   task = make_task(config)
-  ds = task.train_dataset(start_example=0, local_batch_size=BATCH, process_index=0,
+  ds = task.train_dataset(local_batch_size=BATCH, process_index=0,
                           process_count=1)
   batch = next(ds.as_numpy_iterator())
   single = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])

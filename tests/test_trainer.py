@@ -16,7 +16,7 @@ def test_ema_params_follow_the_closed_form_average(clip_task):
   config.schedule.warmup_steps = 0
   config.ema_decay = 0.9
   mesh = sharding.make_mesh({"data": -1})
-  ds = clip_task.train_dataset(start_example=0, local_batch_size=32,
+  ds = clip_task.train_dataset(local_batch_size=32,
                                process_index=0, process_count=1)
   with sharding.mesh_context(mesh):
     init_fn, shardings, tx, schedule = trainer.create_train_state(

@@ -88,7 +88,7 @@ def is_host_only(key: str) -> bool:
 
 
 def train_dataset(source: Source, *, split: str, pp_fn: Callable,
-                  local_batch_size: int, seed: int, start_example: int = 0,
+                  local_batch_size: int, seed: int,
                   start_positions: Sequence[int] | None = None,
                   shuffle_buffer: int = 10_000, process_index: int = 0,
                   process_count: int = 1, filter_fn: Callable | None = None,
@@ -101,9 +101,9 @@ def train_dataset(source: Source, *, split: str, pp_fn: Callable,
   `start_positions` (one per shard of this process, in `shards.indices`
   order; StreamTracker.start_positions) counts the records of each shard's
   raw stream already consumed; they are skipped before any decoding, so
-  resuming costs a file read, not a pp pass. Without it, every shard starts
-  at `start_example // len(shards.indices)` (checkpoints of old runs, which
-  skipped no records). `filter_fn` drops raw examples before the shuffle, so
+  resuming costs a file read, not a pp pass (default: every shard from its
+  beginning; StreamTracker.restore turns old checkpoints' positions into
+  these). `filter_fn` drops raw examples before the shuffle, so
   the kept stream (and the positions counted in it) is deterministic too.
 
   A record whose pp fails (an undecodable image, an empty caption) is
@@ -119,7 +119,7 @@ def train_dataset(source: Source, *, split: str, pp_fn: Callable,
     raise ValueError(f"local batch size {local_batch_size} does not split into "
                      f"{len(shards.indices)} equal blocks of rows.")
   if start_positions is None:
-    start_positions = [start_example // len(shards.indices)] * len(shards.indices)
+    start_positions = [0] * len(shards.indices)
   start_positions = [int(p) for p in start_positions]
   if len(start_positions) != len(shards.indices) or min(start_positions) < 0:
     raise ValueError(f"start_positions {start_positions} must be one "

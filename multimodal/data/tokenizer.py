@@ -104,27 +104,18 @@ class Tokenizer:
                        f"shape {text.shape}")
     shape = [max_len] if rank == 0 else [text.shape[0], max_len]
 
-    if not with_flags:
-      def _np_encode(t):
-        ids = self.encode(np.asarray(t).reshape(-1).tolist(), max_len)
-        return ids[0] if rank == 0 else ids
-
-      ids = tf.numpy_function(_np_encode, [text], tf.int32, stateful=False)
-      # numpy_function loses shape information; restore it for batching.
-      ids.set_shape(shape)
-      return ids
-
-    def _np_encode_with_flags(t):
+    def _np_encode(t):
       ids, truncated, empty = self.encode_with_flags(
           np.asarray(t).reshape(-1).tolist(), max_len)
       return ids[0] if rank == 0 else ids, truncated.any(), empty.any()
 
     ids, truncated, empty = tf.numpy_function(
-        _np_encode_with_flags, [text], [tf.int32, tf.bool, tf.bool], stateful=False)
+        _np_encode, [text], [tf.int32, tf.bool, tf.bool], stateful=False)
+    # numpy_function loses shape information; restore it for batching.
     ids.set_shape(shape)
     truncated.set_shape([])
     empty.set_shape([])
-    return ids, truncated, empty
+    return (ids, truncated, empty) if with_flags else ids
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str,

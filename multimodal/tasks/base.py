@@ -94,17 +94,15 @@ class Task(abc.ABC):
 
   def train_dataset(self, *, local_batch_size: int, process_index: int,
                     process_count: int, shards: pipeline.Shards | None = None,
-                    start_example: int = 0,
                     start_positions=None) -> tf.data.Dataset:
     """The training stream (pipeline.train_dataset): from the beginning, or
     from `start_positions` (pipeline.StreamTracker.start_positions(): one
-    per shard of this process), or from `start_example` (the old position:
-    examples consumed by this process, when no record was skipped)."""
+    per shard of this process)."""
     return pipeline.train_dataset(
         self.source, split=self.config.input.split, pp_fn=self.train_pp(),
         filter_fn=self.train_filter(),
         local_batch_size=local_batch_size, seed=self.config.seed,
-        start_example=start_example, start_positions=start_positions,
+        start_positions=start_positions,
         shuffle_buffer=self.config.input.shuffle_buffer,
         process_index=process_index, process_count=process_count, shards=shards)
 
