@@ -59,7 +59,10 @@ case "$cmd" in
   test)
     # 8 simulated CPU devices so the sharding tests see a real mesh.
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-    exec "$py" -m pytest "$@" ;;
+    # Two workers: much of a test's time is single-threaded (compiling,
+    # tf.data start-up, subprocesses starting), which the other core fills.
+    # PYTEST_WORKERS=0 runs in one process.
+    exec "$py" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@" ;;
   -h|--help|help)
     sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)

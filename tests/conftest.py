@@ -22,6 +22,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
+# Session fixtures too slow to build once per worker: `./launch.sh test` runs
+# the suite on 2 pytest-xdist workers with --dist loadgroup, and every test
+# using one of these goes to the same worker, which builds it once.
+SHARED_SLOW_FIXTURES = ("trained_clip",)
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    for name in SHARED_SLOW_FIXTURES:
+      if name in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(name))
+
 # A shapes world small enough to build in seconds, shared by every test that
 # trains or evaluates.
 TINY_WORLD = dict(image_size=32, train_examples=2_000, eval_examples=200, seed=0)
