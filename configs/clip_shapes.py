@@ -19,7 +19,8 @@ MAX_TEXT_LEN = 40  # Tokens per caption; the longest shapes-world caption fits.
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="mu/8", stem="conv", text_variant="mu",
-                             steps=3000, res=64, batch=64, loss="softmax")
+                             steps=3000, res=64, batch=64, loss="softmax",
+                             text_len=MAX_TEXT_LEN)
   c = config_dict.ConfigDict()
   c.task = "clip"
   c.seed = 0
@@ -43,12 +44,13 @@ def get_config(arg=None):
   # were (pipeline.StreamTracker.check).
   c.input.max_skipped_fraction = 0.01
   c.input.image_size = arg.res
+  # Captions longer than text_len tokens are cut (and counted).
   c.input.tokenizer = dict(model=config_dict.placeholder(str), vocab_size=256,
-                           max_len=MAX_TEXT_LEN)
+                           max_len=arg.text_len)
   image_pp = f"decode|resize({arg.res})|value_range(-1,1)"
   # No flip_lr: captions name left and right, and a flip would falsify them.
   c.input.pp = (image_pp + '|choice(inkey="captions", outkey="text")'
-                f'|tokenize(max_len={MAX_TEXT_LEN}, inkey="text", outkey="tokens")'
+                f'|tokenize(max_len={arg.text_len}, inkey="text", outkey="tokens")'
                 '|keep("image", "tokens")')
 
   c.model = config_dict.ConfigDict()
@@ -102,7 +104,7 @@ def get_config(arg=None):
           pp=image_pp + f'|object_label("{attribute}")|keep("image", "label")')
   c.evals.retrieval = dict(
       type="retrieval", split="test", single_object_only=False,
-      pp=image_pp + f'|tokenize(max_len={MAX_TEXT_LEN}, inkey="captions", '
+      pp=image_pp + f'|tokenize(max_len={arg.text_len}, inkey="captions", '
       'outkey="caption_tokens")|keep("image", "caption_tokens")')
   return c
 

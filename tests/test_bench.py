@@ -1,27 +1,47 @@
-"""`./launch.sh bench` in its smoke mode (one tiny shape): it runs and writes
-its table; no timing is asserted."""
+"""`./launch.sh bench` in its smoke mode (one tiny shape per row, on the
+test suite's tiny world): every row of every family runs, with its peer,
+and the table is written as JSON and markdown. No timing is asserted."""
 import json
 import subprocess
 import sys
 
 from conftest import ROOT
 
+EXPECTED_ROWS = (
+    "matmul peak", "clip train step", "clip input pipeline", "clip eval image encoder",
+    "clip zero-shot eval", "dit train step", "dit input pipeline", "dit DDIM sampler",
+    "vlm decode mu, batch 2, prompt 8, 4 new", "vlm decode mu, batch 2, prompt 8, 8 new")
 
-def test_bench_smoke(tmp_path):
+
+def test_bench_smoke(data_dir, tmp_path):
   out = tmp_path / "bench"
-  run = subprocess.run([sys.executable, "-m", "experiments.bench", "--smoke", f"--out={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  run = subprocess.run([sys.executable, "-m", "experiments.bench", "--smoke",
+                        f"--data_dir={data_dir}", f"--out={out}", f"--profile={tmp_path / 'prof'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
-  rows = json.loads((tmp_path / "bench.json").read_text())
-  assert [row["new_tokens"] for row in rows] == [4, 8]
-  for row in rows:
-    assert row["ours_ms_per_token"] > 0 and row["ours_tokens_per_s"] > 0
-    assert row["peer_ms_per_token"] > 0  # transformers' LlamaForCausalLM.generate().
-  assert "| decode mu" in (tmp_path / "bench.md").read_text()
+  report = json.loads((tmp_path / "bench.json").read_text())
+  assert "jax" in report["machine"] and "torch" in report["machine"]["peers"]
+  rows = report["rows"]
+  assert len(rows) == len(EXPECTED_ROWS)
+  for row, name in zip(rows, EXPECTED_ROWS):
+    assert row["benchmark"].startswith(name), (row, name)
+    assert row["ours"] > 0, row
+    if name != "clip zero-shot eval":  # The only row without a peer.
+      assert row["peer"] > 0 and row["ours_over_peer"] > 0, row
+  steps = [r for r in rows if r["benchmark"].endswith("train step")]
+  for row in steps:
+    assert row["compile_s"] > 0 and row["step_ms"] > 0 and row["peak_mib"] > 0
+    assert row["model_gflop"] > 0 and 0 < row["mfu"]
+    assert row["ours_over_peer"] == row["ours"] / row["peer"]
+  # Each of our timed rows left a jax.profiler trace for TensorBoard.
+  traces = {p.parent.parent.parent.parent.name for p in (tmp_path / "prof").rglob("*.xplane.pb")}
+  assert {"clip_train_step", "dit_train_step", "dit_sampler"} <= traces, traces
+  table = (tmp_path / "bench.md").read_text()
+  assert table.startswith("| benchmark |") and "| clip train step |" in table
 
 
 def test_bench_unknown_family(tmp_path):
-  run = subprocess.run([sys.executable, "-m", "experiments.bench", "--families=dit",
+  run = subprocess.run([sys.executable, "-m", "experiments.bench", "--families=vit",
                         f"--out={tmp_path / 'b'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert run.returncode == 2 and "unknown --families" in run.stderr

@@ -1,0 +1,206 @@
+"""The benchmark of each model family: its shapes and its rows.
+
+Full mode uses the reference shapes (the CLIP one of issue #8, the
+configs' defaults for DiT and the VLM); --smoke shrinks each to a tiny
+shape on a tiny shapes world, so the test suite can run every code path.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from experiments import bench_peers
+from experiments.bench_rows import Settings, maybe_profile, median_throughput, row, train_rows
+from multimodal import measure, sharding, trainer
+
+# The shapes world of --smoke: as the test suite's (tests/conftest.py), so
+# the tests' prepared copy is reused.
+SMOKE_WORLD = dict(image_size=32, train_examples=2_000, eval_examples=200, seed=0)
+# The CLIP reference shape: both towers width 192, depth 6, 3 heads; 64x64
+# images in 8x8 patches; 32 text tokens; batch 64; f32; AdamW.
+CLIP_TOWER = dict(variant=None, width=192, depth=6, mlp_dim=768, num_heads=3)
+CLIP_SMOKE_TOWER = dict(variant=None, width=32, depth=1, mlp_dim=64, num_heads=2)
+DIT_SAMPLER_STEPS, DIT_CFG_SCALE = 50, 3.0
+DECODE_LENGTHS = (32, 64, 128, 256)
+
+
+def _on_world(config, settings: Settings, data_dir: str | None):
+  config.input.data_dir = data_dir
+  if settings.smoke:
+    config.input.shapes_world = dict(SMOKE_WORLD)
+  return config
+
+
+def matmul_row(peak: dict, settings: Settings) -> dict:
+  """The peak itself, beside torch's matmul at the same size."""
+  peer = None
+  if bench_peers.available():
+    peer = bench_peers.matmul_flops(peak["size"], settings.repeats)
+  n = peak["size"]
+  return row(f"matmul peak f32 {n}x{n}", "GFLOP/s", peak["flops_per_s"] / 1e9,
+             peer_name="torch.matmul" if peer else None,
+             peer=peer / 1e9 if peer else None)
+
+
+# --------------------------------------------------------------------------
+# CLIP.
+
+
+def clip_config(settings: Settings, data_dir: str | None):
+  from configs import clip_shapes
+  tower = CLIP_SMOKE_TOWER if settings.smoke else CLIP_TOWER
+  size, patch, text_len, batch = (32, 8, 16, 8) if settings.smoke else (64, 8, 32, 64)
+  config = clip_shapes.get_config(f"res={size},batch={batch},text_len={text_len}")
+  # HF CLIP's layout: a cls token (pool "tok"), a patch stem, causal text
+  # pooled at EOS (the config's already).
+  config.model.image = dict(**tower, patch_size=(patch, patch), stem="patch",
+                            pool_type="tok", posemb="learn")
+  config.model.text = dict(**tower, causal=True, pool="eos")
+  return _on_world(config, settings, data_dir)
+
+
+def clip_rows(settings: Settings, data_dir: str | None) -> list[dict]:
+  config = clip_config(settings, data_dir)
+  image = config.model.image
+  size, batch = config.input.image_size, config.input.batch_size
+  shape = dict(width=image["width"], depth=image["depth"], num_heads=image["num_heads"],
+               mlp_dim=image["mlp_dim"])
+  rows, bench = train_rows(
+      "clip", config, settings, peer_name="transformers CLIPModel",
+      peer_factory=lambda bench: bench_peers.clip_train_step(
+          image_size=size, patch_size=image["patch_size"][0], **shape,
+          text_len=config.input.tokenizer.max_len, vocab_size=bench.task.tokenizer.vocab_size,
+          out_dim=config.model.out_dim, batch=batch))
+  rows += _clip_eval_rows(bench, settings, shape)
+  return rows
+
+
+def _clip_eval_rows(bench, settings: Settings, shape: dict) -> list[dict]:
+  """The zero-shot evaluator: its jitted image encoder on one batch (vs
+  CLIPModel.get_image_features), and a whole evaluation, pipeline included."""
+  config = bench.config
+  evaluator = next(e for e in bench.task.evaluators(bench.mesh)
+                   if e.name == "zero_shot_shape")
+  params = trainer.eval_params(bench.state)
+  batch = next(iter(evaluator.batches()))
+  count = int(batch["image"].shape[0])
+  with sharding.mesh_context(bench.mesh):
+    encode = lambda: measure.block(evaluator.encode_images(params, batch["image"]))
+    images_per_s, seconds = median_throughput(encode, count, settings)
+    with maybe_profile(settings, "clip_eval_forward"):
+      encode()
+  peer = None
+  if bench_peers.available():
+    peer_embed = bench_peers.clip_embed_images(
+        image_size=config.input.image_size, patch_size=config.model.image["patch_size"][0],
+        **shape, out_dim=config.model.out_dim, batch=count)
+    peer = count / measure.median_seconds(peer_embed, settings.repeats, warmup=1)
+  forward = row("clip eval image encoder", "images/s", images_per_s, seconds=seconds,
+                peer_name="CLIPModel.get_image_features", peer=peer)
+  # End to end: tf.data decode and resize, the class embeddings, every batch.
+  total = sum(int(np.sum(b["_mask"])) for b in evaluator.batches())
+  with sharding.mesh_context(bench.mesh):
+    measure.reset_peak_memory()
+    end_to_end, _ = median_throughput(lambda: evaluator.run(params), total, settings)
+  whole = row(f"clip zero-shot eval, {total} images", "images/s", end_to_end,
+              peak_mib=measure.peak_memory_mib())
+  return [forward, whole]
+
+
+# --------------------------------------------------------------------------
+# DiT.
+
+
+def dit_config(settings: Settings, data_dir: str | None):
+  from configs import dit_shapes
+  config = dit_shapes.get_config("variant=mu/2,batch=8" if settings.smoke else None)
+  return _on_world(config, settings, data_dir)
+
+
+def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
+  from multimodal.models import dit
+  config = dit_config(settings, data_dir)
+  sizes = dit.decode_variant(config.model.variant)
+  size, batch = config.input.image_size, config.input.batch_size
+  shape = dict(image_size=size, patch_size=sizes["patch_size"][0], in_channels=3,
+               width=sizes["width"], depth=sizes["depth"], num_heads=sizes["num_heads"],
+               num_classes=config.model.num_classes)
+  rows, bench = train_rows(
+      "dit", config, settings, peer_name="diffusers DiTTransformer2DModel",
+      peer_factory=lambda bench: bench_peers.dit_train_step(**shape, batch=batch))
+  steps = 2 if settings.smoke else DIT_SAMPLER_STEPS
+  sample = bench.task.sampler(bench.mesh, steps=steps, cfg_scale=DIT_CFG_SCALE)
+  labels = np.arange(batch, dtype=np.int32) % config.model.num_classes
+  condition = bench.task.condition_for_labels(labels)
+  params = trainer.eval_params(bench.state)
+  with sharding.mesh_context(bench.mesh):
+    measure.reset_peak_memory()
+    _, compile_s = measure.compile_seconds(sample, params, condition)
+    run = lambda: measure.block(sample(params, condition))
+    steps_per_s, seconds = median_throughput(run, steps, settings)
+    with maybe_profile(settings, "dit_sampler"):
+      run()
+  peer = None
+  if bench_peers.available():
+    peer_loop = bench_peers.dit_sample_loop(**shape, batch=batch, steps=steps,
+                                            cfg_scale=DIT_CFG_SCALE)
+    peer = steps / measure.median_seconds(peer_loop, settings.repeats, warmup=1)
+  rows.append(row(f"dit DDIM sampler, batch {batch}, cfg {DIT_CFG_SCALE}", "steps/s",
+                  steps_per_s, seconds=seconds / steps, compile_s=compile_s,
+                  peak_mib=measure.peak_memory_mib(),
+                  peer_name="diffusers DiTPipeline loop", peer=peer))
+  return rows
+
+
+# --------------------------------------------------------------------------
+# VLM.
+
+
+def vlm_rows(settings: Settings, data_dir: str | None) -> list[dict]:
+  """The VLM's decoding (its training step is the decoder's and the ViT's,
+  benchmarked through CLIP; a row of its own is not in the harness yet)."""
+  del data_dir  # Decoding needs no data: a random prompt.
+  return decode_rows(settings)
+
+
+def decode_rows(settings: Settings) -> list[dict]:
+  """Cached greedy decoding at several generated lengths N: with a KV cache
+  a new token costs the same however many came before it, so ms per token
+  stays flat as N grows (without a cache it would grow linearly)."""
+  import jax.numpy as jnp
+  from multimodal.models import decoder, decoding
+  variant, batch, prefix = ("mu", 2, 8) if settings.smoke else ("S", 8, 64)
+  lengths = (4, 8) if settings.smoke else DECODE_LENGTHS
+  vocab = 512
+  model = decoder.Decoder(vocab_size=vocab, variant=variant)
+  width = model._config()["width"]
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4, width)),
+                      positions=jnp.zeros((1, 4), jnp.int32),
+                      mask=jnp.ones((1, 4, 4), bool))["params"]
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  prompt = np.random.default_rng(0).integers(3, vocab, (batch, prefix)).astype(np.int32)
+  peer = None
+  if bench_peers.available():
+    cfg = model._config()
+    peer = bench_peers.llama_generate(
+        width=cfg["width"], mlp_dim=cfg["mlp_dim"], depth=cfg["depth"],
+        num_heads=cfg["num_heads"], num_kv_heads=cfg["num_kv_heads"],
+        head_dim=cfg["head_dim"], vocab=vocab, prompt=prompt)
+  rows = []
+  for n in lengths:
+    # An EOS id the model never emits (out of the vocabulary): every row
+    # generates exactly n tokens, as the peer's min_new_tokens=n forces.
+    generate = lambda n=n: measure.block(decoding.generate_tokens(
+        model, params, prompt, max_new_tokens=n, eos_id=vocab, pad_id=0))
+    tokens_per_s, seconds = median_throughput(generate, batch * n, settings)
+    peer_rate = None
+    if peer is not None:
+      peer_rate = batch * n / measure.median_seconds(lambda n=n: peer(n), settings.repeats)
+    rows.append(row(f"vlm decode {variant}, batch {batch}, prompt {prefix}, {n} new",
+                    "tokens/s", tokens_per_s, ms_per_token=1e3 * seconds / n,
+                    peer_name="LlamaForCausalLM.generate", peer=peer_rate))
+  return rows
+
+
+FAMILIES = {"clip": clip_rows, "dit": dit_rows, "vlm": vlm_rows}

@@ -1,0 +1,155 @@
+"""What `./launch.sh bench` measures, family by family: each function returns
+rows (dicts) of the table experiments/bench.py prints.
+
+Our rows run the real code paths: the trainer's jitted train step
+(trainer.make_train_step, buffers donated as in training) on a batch from
+the task's own input pipeline, the task's sampler, the zero-shot evaluator's
+image encoder, the decoder's cached generation. Each peer runs the same
+shapes, batch and precision in PyTorch (experiments/bench_peers.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+
+from experiments import bench_peers
+from multimodal import flops, measure, sharding, tasks, trainer
+from multimodal.data import pipeline
+
+# Batches the input-pipeline rows read after their warm-up.
+PIPELINE_BATCHES = 20
+
+
+@dataclasses.dataclass
+class Settings:
+  repeats: int              # Timed runs per row; the median is reported.
+  peak_flops: float         # The measured f32 matmul peak, FLOP/s.
+  profile_dir: str | None   # Where jax.profiler traces go, or None.
+  smoke: bool               # One tiny shape per row (the test suite's mode).
+
+
+def row(benchmark: str, unit: str, ours: float, *, seconds: float | None = None,
+        compile_s: float | None = None, model_flops: float | None = None,
+        settings: Settings | None = None, peak_mib: float | None = None,
+        peer_name: str | None = None, peer: float | None = None, **extra) -> dict:
+  """One line of the table. `ours`/`peer` are throughputs in `unit` (more
+  is better), so ours/peer > 1 means we are faster."""
+  out = {"benchmark": benchmark, "unit": unit, "ours": ours}
+  if seconds is not None:
+    out["step_ms"] = 1e3 * seconds
+  if compile_s is not None:
+    out["compile_s"] = compile_s
+  if model_flops is not None:
+    out["model_gflop"] = model_flops / 1e9
+    if seconds and settings:
+      out["mfu"] = model_flops / seconds / settings.peak_flops
+  if peak_mib is not None:
+    out["peak_mib"] = peak_mib
+  if peer_name is not None:
+    out["peer_name"] = peer_name
+    out["peer"] = peer
+    out["ours_over_peer"] = ours / peer if peer else None
+  out.update(extra)
+  return out
+
+
+@contextlib.contextmanager
+def maybe_profile(settings: Settings, name: str):
+  """A jax.profiler trace of the block into PROFILE_DIR/name, if asked."""
+  if not settings.profile_dir:
+    yield
+    return
+  with jax.profiler.trace(os.path.join(settings.profile_dir, name)):
+    yield
+
+
+class StepBench:
+  """A task's compiled train step on one fixed batch from its pipeline.
+
+  Built the way trainer._train builds it (mesh, sharded init, donated
+  state), minus checkpoints and pretrained weights: speed does not depend on
+  the values of the weights."""
+
+  def __init__(self, config):
+    self.config = config
+    self.task = tasks.get(config.task)(config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.batch_size = config.input.batch_size
+    with sharding.mesh_context(self.mesh):
+      init_fn, shardings, tx, schedule = trainer.create_train_state(
+          self.task, config, self.mesh, total_steps=1000)
+      self.state = init_fn()
+      self.step_fn = trainer.make_train_step(
+          self.task, config, tx, schedule, shardings, self.mesh)
+    self.batch = next(self.global_batches())
+
+  def dataset(self):
+    return self.task.train_dataset(
+        local_batch_size=self.batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        shards=pipeline.Shards.of(sharding.batch_sharding(self.mesh)))
+
+  def global_batches(self):
+    return pipeline.iterate_global(self.dataset(), sharding.batch_sharding(self.mesh),
+                                   what=self.config.input.data)
+
+  def time_steps(self, settings: Settings, name: str) -> tuple[float, float]:
+    """(compile seconds, median step seconds)."""
+    with sharding.mesh_context(self.mesh):
+      compiled, compile_s = measure.compile_seconds(self.step_fn, self.state, self.batch)
+
+      def step():
+        self.state, metrics = compiled(self.state, self.batch)
+        measure.block((self.state, metrics))
+
+      seconds = measure.median_seconds(step, settings.repeats, warmup=2)
+      with maybe_profile(settings, name):
+        for _ in range(3):
+          step()
+    return compile_s, seconds
+
+  def pipeline_examples_per_s(self) -> float:
+    """The training input pipeline alone (read, decode, pp, batch), on the
+    host, without the devices: what the trainer could at most consume."""
+    batches = self.dataset().as_numpy_iterator()
+    next(batches)  # Warm-up: file opening, shuffle buffer fill.
+    start = time.perf_counter()
+    for _ in range(PIPELINE_BATCHES):
+      next(batches)
+    return PIPELINE_BATCHES * self.batch_size / (time.perf_counter() - start)
+
+
+def train_rows(name: str, config, settings: Settings, peer_name: str | None = None,
+               peer_factory=None) -> tuple[list[dict], StepBench]:
+  """The train-step row (with its peer, from `peer_factory(step_bench)`),
+  and the input-pipeline row."""
+  measure.reset_peak_memory()
+  bench = StepBench(config)
+  compile_s, seconds = bench.time_steps(settings, f"{name}_train_step")
+  peak = measure.peak_memory_mib()
+  consumed = bench.batch_size / seconds
+  peer = None
+  if peer_factory is not None and bench_peers.available():
+    peer_step = peer_factory(bench)
+    peer = bench.batch_size / measure.median_seconds(peer_step, settings.repeats, warmup=2)
+  step_row = row(f"{name} train step", "examples/s", consumed, seconds=seconds,
+                 compile_s=compile_s, model_flops=flops.train_step_flops(config),
+                 settings=settings, peak_mib=peak,
+                 peer_name=peer_name if peer_factory is not None else None, peer=peer)
+  supplied = bench.pipeline_examples_per_s()
+  # The pipeline's "peer" is the train step it feeds: the ratio says how
+  # many times over the input keeps up with training.
+  pipeline_row = row(f"{name} input pipeline", "examples/s", supplied,
+                     peer_name=f"{name} train step consumes", peer=consumed)
+  return [step_row, pipeline_row], bench
+
+
+def median_throughput(fn, count: int, settings: Settings) -> tuple[float, float]:
+  """(items per second, median seconds) of `fn`, which does `count` items."""
+  seconds = measure.median_seconds(fn, settings.repeats, warmup=1)
+  return count / seconds, seconds
