@@ -45,7 +45,8 @@ DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir of the shapes wo
 # The columns of the markdown table, in order, with their headers.
 COLUMNS = (("benchmark", "benchmark"), ("compile_s", "compile s"), ("step_ms", "step ms"),
            ("ours", "ours"), ("unit", "unit"), ("model_gflop", "model GFLOP"),
-           ("mfu", "MFU"), ("peak_mib", "peak MiB"), ("peer_name", "peer"),
+           ("mfu", "MFU"), ("ms_per_token", "ms/token"), ("peak_mib", "peak MiB"),
+           ("peer_name", "peer"),
            ("peer", "peer"), ("ours_over_peer", "ours/peer"))
 
 

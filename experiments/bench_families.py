@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from experiments import bench_peers
-from experiments.bench_rows import Settings, maybe_profile, median_throughput, row, train_rows
+from experiments.bench_rows import (PROFILED_STEPS, Settings, maybe_profile,
+                                    median_throughput, row, train_rows)
 from multimodal import measure, sharding, trainer
 
 # The shapes world of --smoke: as the test suite's (tests/conftest.py), so
@@ -87,8 +88,10 @@ def _clip_eval_rows(bench, settings: Settings, shape: dict) -> list[dict]:
   with sharding.mesh_context(bench.mesh):
     encode = lambda: measure.block(evaluator.encode_images(params, batch["image"]))
     images_per_s, seconds = median_throughput(encode, count, settings)
-    with maybe_profile(settings, "clip_eval_forward"):
-      encode()
+    profile = {}
+    with maybe_profile(settings, "clip_eval_forward", profile):
+      for _ in range(PROFILED_STEPS):
+        encode()
   peer = None
   if bench_peers.available():
     peer_embed = bench_peers.clip_embed_images(
@@ -96,7 +99,7 @@ def _clip_eval_rows(bench, settings: Settings, shape: dict) -> list[dict]:
         **shape, out_dim=config.model.out_dim, batch=count)
     peer = count / measure.median_seconds(peer_embed, settings.repeats, warmup=1)
   forward = row("clip eval image encoder", "images/s", images_per_s, seconds=seconds,
-                peer_name="CLIPModel.get_image_features", peer=peer)
+                peer_name="CLIPModel.get_image_features", peer=peer, **profile)
   # End to end: tf.data decode and resize, the class embeddings, every batch.
   total = sum(int(np.sum(b["_mask"])) for b in evaluator.batches())
   with sharding.mesh_context(bench.mesh):
@@ -127,7 +130,8 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
                num_classes=config.model.num_classes)
   rows, bench = train_rows(
       "dit", config, settings, peer_name="diffusers DiTTransformer2DModel",
-      peer_factory=lambda bench: bench_peers.dit_train_step(**shape, batch=batch))
+      peer_factory=lambda bench: bench_peers.dit_train_step(
+          **shape, batch=batch, ema_decay=config.get("ema_decay")))
   steps = 2 if settings.smoke else DIT_SAMPLER_STEPS
   sample = bench.task.sampler(bench.mesh, steps=steps, cfg_scale=DIT_CFG_SCALE)
   labels = np.arange(batch, dtype=np.int32) % config.model.num_classes
@@ -138,8 +142,10 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
     _, compile_s = measure.compile_seconds(sample, params, condition)
     run = lambda: measure.block(sample(params, condition))
     steps_per_s, seconds = median_throughput(run, steps, settings)
-    with maybe_profile(settings, "dit_sampler"):
-      run()
+    profile = {}
+    with maybe_profile(settings, "dit_sampler", profile):
+      for _ in range(PROFILED_STEPS):
+        run()
   peer = None
   if bench_peers.available():
     peer_loop = bench_peers.dit_sample_loop(**shape, batch=batch, steps=steps,
@@ -148,7 +154,7 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
   rows.append(row(f"dit DDIM sampler, batch {batch}, cfg {DIT_CFG_SCALE}", "steps/s",
                   steps_per_s, seconds=seconds / steps, compile_s=compile_s,
                   peak_mib=measure.peak_memory_mib(),
-                  peer_name="diffusers DiTPipeline loop", peer=peer))
+                  peer_name="diffusers DiTPipeline loop", peer=peer, **profile))
   return rows
 
 

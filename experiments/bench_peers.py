@@ -54,12 +54,12 @@ def available() -> bool:
 
 def torch_version() -> str:
   """'torch X, transformers Y, diffusers Z' (missing packages say so)."""
+  from importlib import metadata
   parts = []
   for name in _PACKAGES:
     try:
-      module = __import__(name)
-      parts.append(f"{name} {module.__version__}")
-    except ImportError:
+      parts.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
       parts.append(f"{name} (not installed)")
   return ", ".join(parts)
 
@@ -183,15 +183,17 @@ def _dit_model(image_size, patch_size, in_channels, width, num_heads, depth, num
 
 
 def dit_train_step(image_size, patch_size, in_channels, width, depth, num_heads, num_classes,
-                   batch, learn_sigma=True, lr=1e-3):
+                   batch, learn_sigma=True, lr=1e-3, ema_decay=None):
   """One training step of diffusers' DiTTransformer2DModel (shapes as
   dit.DiT(width, depth, num_heads, patch_size, num_classes, learn_sigma) on
   (image_size, image_size, in_channels) inputs) with AdamW (torch default
   weight decay 0.01) and clipping 1.0. Fixed x0 ~ N(0, 1) and labels; per
   step it draws timesteps (uniform in [0, 1000)) and noise, noises x0 with a
   DDPMScheduler (1000 steps, squaredcos_cap_v2 = our cosine) and takes the
-  MSE between the first in_channels output channels and the noise.
-  Returns a callable -> loss.
+  MSE between the first in_channels output channels and the noise. With
+  `ema_decay`, each step also updates diffusers' EMAModel of the weights
+  (foreach, with the warm-up that ours uses too), as our step does when the
+  config keeps a moving average. Returns a callable -> loss.
   """
   import torch
   import torch.nn.functional as F
@@ -204,6 +206,10 @@ def dit_train_step(image_size, patch_size, in_channels, width, depth, num_heads,
   x0 = torch.randn(batch, in_channels, image_size, image_size)
   labels = torch.randint(0, num_classes, (batch,))
   steps = scheduler.config.num_train_timesteps
+  ema = None
+  if ema_decay is not None:
+    from diffusers.training_utils import EMAModel
+    ema = EMAModel(model.parameters(), decay=ema_decay, foreach=True)
 
   def step() -> float:
     t = torch.randint(0, steps, (batch,))
@@ -212,9 +218,11 @@ def dit_train_step(image_size, patch_size, in_channels, width, depth, num_heads,
     out = model(x_t, timestep=t, class_labels=labels).sample
     loss = F.mse_loss(out[:, :in_channels], noise)
     _clip_grad_and_step(model, opt, loss)
+    if ema is not None:
+      ema.step(model.parameters())
     return float(loss.detach())
 
-  step.model, step.optimizer = model, opt
+  step.model, step.optimizer, step.ema = model, opt, ema
   return step
 
 

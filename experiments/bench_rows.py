@@ -15,7 +15,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from experiments import bench_peers
 from multimodal import flops, measure, sharding, tasks, trainer
@@ -58,14 +57,25 @@ def row(benchmark: str, unit: str, ours: float, *, seconds: float | None = None,
   return out
 
 
+# Steps (or calls) each --profile trace records.
+PROFILED_STEPS = 3
+# The op kinds a row's profile summary keeps (the largest).
+PROFILE_TOP = 8
+
+
 @contextlib.contextmanager
-def maybe_profile(settings: Settings, name: str):
-  """A jax.profiler trace of the block into PROFILE_DIR/name, if asked."""
+def maybe_profile(settings: Settings, name: str, summary: dict):
+  """A jax.profiler trace of the block (PROFILED_STEPS calls) into
+  PROFILE_DIR/name, if asked; `summary` then receives the per-call
+  milliseconds of the largest XLA op kinds (measure.trace_op_times)."""
   if not settings.profile_dir:
     yield
     return
-  with jax.profiler.trace(os.path.join(settings.profile_dir, name)):
+  path = os.path.join(settings.profile_dir, name)
+  with jax.profiler.trace(path):
     yield
+  times = measure.trace_op_times(path, PROFILED_STEPS)
+  summary["profile_ms"] = {k: round(v, 2) for k, v in list(times.items())[:PROFILE_TOP + 1]}
 
 
 class StepBench:
@@ -98,8 +108,9 @@ class StepBench:
     return pipeline.iterate_global(self.dataset(), sharding.batch_sharding(self.mesh),
                                    what=self.config.input.data)
 
-  def time_steps(self, settings: Settings, name: str) -> tuple[float, float]:
-    """(compile seconds, median step seconds)."""
+  def time_steps(self, settings: Settings, name: str, summary: dict) -> tuple[float, float]:
+    """(compile seconds, median step seconds); a profile summary, if asked,
+    goes into `summary`."""
     with sharding.mesh_context(self.mesh):
       compiled, compile_s = measure.compile_seconds(self.step_fn, self.state, self.batch)
 
@@ -108,8 +119,8 @@ class StepBench:
         measure.block((self.state, metrics))
 
       seconds = measure.median_seconds(step, settings.repeats, warmup=2)
-      with maybe_profile(settings, name):
-        for _ in range(3):
+      with maybe_profile(settings, name, summary):
+        for _ in range(PROFILED_STEPS):
           step()
     return compile_s, seconds
 
@@ -130,7 +141,8 @@ def train_rows(name: str, config, settings: Settings, peer_name: str | None = No
   and the input-pipeline row."""
   measure.reset_peak_memory()
   bench = StepBench(config)
-  compile_s, seconds = bench.time_steps(settings, f"{name}_train_step")
+  profile = {}
+  compile_s, seconds = bench.time_steps(settings, f"{name}_train_step", profile)
   peak = measure.peak_memory_mib()
   consumed = bench.batch_size / seconds
   peer = None
@@ -140,7 +152,8 @@ def train_rows(name: str, config, settings: Settings, peer_name: str | None = No
   step_row = row(f"{name} train step", "examples/s", consumed, seconds=seconds,
                  compile_s=compile_s, model_flops=flops.train_step_flops(config),
                  settings=settings, peak_mib=peak,
-                 peer_name=peer_name if peer_factory is not None else None, peer=peer)
+                 peer_name=peer_name if peer_factory is not None else None, peer=peer,
+                 **profile)
   supplied = bench.pipeline_examples_per_s()
   # The pipeline's "peer" is the train step it feeds: the ratio says how
   # many times over the input keeps up with training.

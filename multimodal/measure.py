@@ -95,3 +95,40 @@ def peak_memory_mib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kib = peak // 1024 if sys.platform == "darwin" else peak
   return kib / 1024
+
+
+# XLA's CPU thunk executor names each op's events after its HLO instruction
+# ("ynn_fusion.12", "multiply_tanh_fusion.3"); the kind is the name without
+# the number. Wrapper events around whole programs are left out.
+_WRAPPER_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
+
+
+def trace_op_times(trace_dir: str, steps: int) -> dict:
+  """Per-step milliseconds of each XLA op kind in a jax.profiler trace of
+  `steps` steps, summed over the runtime's threads, largest first; the key
+  "all ops" is their sum. On a CPU, matmul fusions (ynn_fusion, dot) against
+  the rest shows whether a step is bound by compute or by elementwise work."""
+  import collections
+  import glob
+  import re
+
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+  paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  if not paths:
+    return {}
+  space = xplane_pb2.XSpace()
+  with open(paths[-1], "rb") as f:
+    space.ParseFromString(f.read())
+  totals = collections.Counter()
+  for plane in space.planes:
+    names = {k: v.name for k, v in plane.event_metadata.items()}
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLA"):  # XLA's own threads only.
+        continue
+      for event in line.events:
+        name = names.get(event.metadata_id, "")
+        if name and not name.startswith(_WRAPPER_EVENTS):
+          totals[re.sub(r"\.\d+$", "", name)] += event.duration_ps / 1e9 / steps
+  ordered = dict(totals.most_common())
+  return {"all ops": sum(ordered.values()), **ordered}

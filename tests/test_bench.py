@@ -36,6 +36,11 @@ def test_bench_smoke(data_dir, tmp_path):
   # Each of our timed rows left a jax.profiler trace for TensorBoard.
   traces = {p.parent.parent.parent.parent.name for p in (tmp_path / "prof").rglob("*.xplane.pb")}
   assert {"clip_train_step", "dit_train_step", "dit_sampler"} <= traces, traces
+  # ... summed by XLA op kind: the parts add up to the whole.
+  for row in steps:
+    profile = row["profile_ms"]
+    kinds = [v for k, v in profile.items() if k != "all ops"]
+    assert profile["all ops"] > 0 and 0 < sum(kinds) <= profile["all ops"] + 0.1, profile
   table = (tmp_path / "bench.md").read_text()
   assert table.startswith("| benchmark |") and "| clip train step |" in table
 

@@ -56,6 +56,20 @@ def test_dit_train_step(learn_sigma):
   _assert_trains(step)
 
 
+def test_dit_train_step_keeps_a_moving_average():
+  step = bench_peers.dit_train_step(image_size=8, patch_size=2, in_channels=3, width=32,
+                                    depth=1, num_heads=2, num_classes=5, batch=4,
+                                    ema_decay=0.999)
+  init = [p.detach().clone() for p in step.model.parameters()]
+  _assert_trains(step)
+  # After 2 steps the warm-up decay is (1 + 1) / (10 + 1): the average sits
+  # between the initial and the current weights, equal to neither.
+  shadow, now = step.ema.shadow_params, list(step.model.parameters())
+  moved = [not torch.equal(s, p) and not torch.equal(s, i) for s, p, i in zip(shadow, now, init)
+           if not torch.equal(p, i)]
+  assert moved and all(moved)
+
+
 @pytest.mark.parametrize("cfg_scale", [4.0, 1.0])
 def test_dit_sample_loop(cfg_scale):
   sample = bench_peers.dit_sample_loop(image_size=8, patch_size=2, in_channels=3, width=32,
