@@ -64,7 +64,7 @@ def _normalise(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   argv = cli.normalise_argv(_normalise(argv))
   cli.parse_flags(argv)
-  from multimodal import config_lib, sweep
+  from multimodal import config_lib, sweep, sweep_devices
   if cli.WORKDIR.value:
     fail("a sweep has one workdir per point; give --sweep_dir instead of --workdir.")
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
@@ -101,8 +101,8 @@ def main(argv: list[str]) -> None:
     fail("--dry-run goes with --slurm.")
 
   try:
-    platform, devices = sweep.detect_accelerators()
-    envs = sweep.device_envs(platform, devices, PARALLEL.value)
+    platform, devices = sweep_devices.detect_accelerators()
+    envs = sweep_devices.device_envs(platform, devices, PARALLEL.value)
   except sweep.SweepError as e:
     fail(str(e))
   os.makedirs(sweep_dir, exist_ok=True)
@@ -208,9 +208,9 @@ def _tail(path: str, lines: int = 15) -> str:
 
 def _collect(points, sweep_dir) -> None:
   """Writes sweep.csv, sweep.md and the plots; prints the table."""
-  from multimodal import sweep
+  from multimodal import sweep, sweep_report
   try:
-    result = sweep.collect(points, sweep_dir, METRIC.value, MODE.value)
+    result = sweep_report.collect(points, sweep_dir, METRIC.value, MODE.value)
   except sweep.SweepError as e:
     fail(str(e))
   print()
@@ -220,7 +220,7 @@ def _collect(points, sweep_dir) -> None:
 
 
 def _submit_slurm(points, spec, base, sweep_dir) -> int:
-  from multimodal import sweep
+  from multimodal import sweep, sweep_devices
   todo = [p.index for p in points if sweep.status(p) != "done"]
   if not todo:
     print("Every point has finished already; nothing to submit.", file=sys.stderr)
@@ -235,7 +235,7 @@ def _submit_slurm(points, spec, base, sweep_dir) -> int:
   if MODE.value != "auto":
     command.append(f"--mode={MODE.value}")
   command += base
-  script = sweep.slurm_script(
+  script = sweep_devices.slurm_script(
       job_name=f"{os.path.basename(sweep_dir)}", indices=todo, sweep_dir=sweep_dir,
       cwd=os.getcwd(), command=command, sbatch=SBATCH.value, parallel=PARALLEL.value)
   if DRY_RUN.value:

@@ -9,21 +9,19 @@ A config file may define `get_sweep(arg)`, returning either
 Keys are dotted config keys; values are plain literals (bool, int, float, str
 or tuples of them), passed to each point's training run as
 `--config.KEY=VALUE` flags that ml_collections parses back to the same value.
-This module is the logic (expand, validate, name, collect, table, plots, the
-SLURM script, device sets); experiments/sweep.py is the command line.
+This module is the points (expand, validate, name, their state);
+sweep_devices.py where they run (device sets, the SLURM script);
+sweep_report.py their results (table, CSV, plots); experiments/sweep.py is
+the command line.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
-import io
 import itertools
 import json
-import math
 import os
 import re
-import shlex
 
 import ml_collections
 
@@ -233,7 +231,7 @@ def short_keys(keys) -> dict[str, str]:
   return result
 
 
-def _sanitise(text: str) -> str:
+def sanitise(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
 
 
@@ -243,7 +241,7 @@ def point_names(points: list[dict]) -> list[str]:
   names = []
   for point in points:
     name = ",".join(f"{short[k]}={format_value(v)}" for k, v in point.items())
-    name = _sanitise(name) or "base"
+    name = sanitise(name) or "base"
     if len(name) > 120:
       name = name[:100] + "-" + _digest(point)
     names.append(name)
@@ -281,296 +279,14 @@ LOG_NAME = "train.log"
 
 
 def write_sweep_json(path: str, spec: str, sweep_arg, base_overrides, points) -> None:
-  _write_atomic(path, json.dumps({
+  write_atomic(path, json.dumps({
       "config": spec, "sweep_args": sweep_arg, "overrides": list(base_overrides),
       "points": [{"index": p.index, "name": p.name, "overrides": p.overrides,
                   "workdir": p.workdir, "args": p.args()} for p in points],
   }, indent=2))
 
 
-# -- Devices ---------------------------------------------------------------------
-
-
-def detect_accelerators() -> tuple[str, list[str]]:
-  """("gpu", ids) / ("tpu", chip ids) / ("cpu", []) without starting JAX
-  (which would claim every device in this process)."""
-  import glob
-  import shutil
-  import subprocess
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  if visible is not None and visible.strip() not in ("", "-1"):
-    return "gpu", [d.strip() for d in visible.split(",") if d.strip()]
-  if visible is None and shutil.which("nvidia-smi"):
-    try:
-      out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                           timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-      out = ""
-    gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
-    if gpus:
-      return "gpu", [str(i) for i in range(len(gpus))]
-  chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
-  if chips:
-    return "tpu", [str(i) for i in range(len(chips))]
-  return "cpu", []
-
-
-# Chips per process -> TPU_CHIPS_PER_PROCESS_BOUNDS (a single-host slice).
-_TPU_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1"}
-
-
-def device_envs(platform: str, devices: list[str], parallel: int) -> list[dict]:
-  """Environment additions for `parallel` concurrent points on disjoint devices.
-
-  GPU: CUDA_VISIBLE_DEVICES. TPU: TPU_VISIBLE_CHIPS with its process bounds
-  and a port per process (1, 2 or 4 chips per point). CPU: nothing; the
-  processes share the cores. One point at a time sees every device.
-  """
-  if parallel < 1:
-    raise SweepError(f"--parallel must be at least 1; got {parallel}.")
-  if parallel == 1 or platform == "cpu":
-    return [{} for _ in range(parallel)]
-  if len(devices) < parallel:
-    raise SweepError(f"--parallel {parallel} needs at least {parallel} "
-                     f"{platform.upper()}s; this host has {len(devices)}.")
-  per = len(devices) // parallel
-  groups = [devices[i * per:(i + 1) * per] for i in range(parallel)]
-  if platform == "gpu":
-    return [{"CUDA_VISIBLE_DEVICES": ",".join(g)} for g in groups]
-  if platform == "tpu":
-    if per not in _TPU_BOUNDS:
-      raise SweepError(f"--parallel {parallel} gives each point {per} TPU chips; "
-                       f"use a --parallel that gives {sorted(_TPU_BOUNDS)}.")
-    envs = []
-    for i, group in enumerate(groups):
-      port = str(8476 + i)
-      envs.append({"TPU_VISIBLE_CHIPS": ",".join(group),
-                   "TPU_CHIPS_PER_PROCESS_BOUNDS": _TPU_BOUNDS[per],
-                   "TPU_PROCESS_BOUNDS": "1,1,1", "TPU_PROCESS_PORT": port,
-                   "TPU_MESH_CONTROLLER_ADDRESS": f"localhost:{port}",
-                   "TPU_MESH_CONTROLLER_PORT": port})
-    return envs
-  raise SweepError(f"unknown platform {platform!r}.")
-
-
-# -- SLURM -----------------------------------------------------------------------
-
-
-def array_spec(indices: list[int]) -> str:
-  """[0, 1, 2, 5] -> "0-2,5" (sbatch --array syntax)."""
-  indices = sorted(indices)
-  parts = []
-  for _, run in itertools.groupby(enumerate(indices), lambda t: t[1] - t[0]):
-    run = [i for _, i in run]
-    parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-  return ",".join(parts)
-
-
-def slurm_script(*, job_name: str, indices: list[int], sweep_dir: str, cwd: str,
-                 command: list[str], sbatch: list[str] = (), parallel: int = 1) -> str:
-  """An sbatch array script: task $SLURM_ARRAY_TASK_ID runs that point."""
-  array = array_spec(indices) + (f"%{parallel}" if parallel > 1 else "")
-  lines = ["#!/bin/bash",
-           f"#SBATCH --job-name={job_name}",
-           f"#SBATCH --array={array}",
-           f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.log')}"]
-  lines += [f"#SBATCH --{opt.lstrip('-')}" for opt in sbatch]
-  lines += ["# One array task per sweep point (written by ./launch.sh sweep --slurm).",
-            "set -euo pipefail",
-            f"cd {shlex.quote(cwd)}",
-            " ".join(shlex.quote(a) for a in command)
-            + ' --point="$SLURM_ARRAY_TASK_ID"']
-  return "\n".join(lines) + "\n"
-
-
-# -- Collection ------------------------------------------------------------------
-
-_LOWER_IS_BETTER = re.compile(r"loss|error|(^|[/_])err|fid|perplexity|nll|mse|mae",
-                              re.IGNORECASE)
-
-
-def default_metric(metric_names: list[str]) -> str | None:
-  """The first top-1 accuracy (`.../acc1`, `...accuracy`), else the first metric."""
-  for name in metric_names:
-    if re.search(r"(^|/)acc1$|accuracy$", name):
-      return name
-  return metric_names[0] if metric_names else None
-
-
-def resolve_mode(metric: str, mode: str) -> str:
-  if mode in ("max", "min"):
-    return mode
-  if mode != "auto":
-    raise SweepError(f"--mode is max, min or auto; got {mode!r}.")
-  return "min" if _LOWER_IS_BETTER.search(metric or "") else "max"
-
-
-def collect(points: list[Point], sweep_dir: str, metric: str | None = None,
-            mode: str = "auto") -> dict:
-  """Writes sweep.csv, sweep.md and plots/*.png under `sweep_dir`; returns
-  {"rows", "metric", "mode", "winner", "markdown", "csv", "md", "plots"}."""
-  keys = swept_keys(points)
-  rows, metric_names = [], []
-  for point in points:
-    row = {"point": point.name, "hparams": point.overrides, "status": status(point),
-           "step": None, "wall_time_seconds": None, "metrics": {}}
-    if row["status"] == "done":
-      with open(os.path.join(point.workdir, "results.json")) as f:
-        results = json.load(f)
-      row["step"] = results.get("step")
-      row["wall_time_seconds"] = results.get("wall_time_seconds")
-      row["metrics"] = {k: v for k, v in results.get("metrics", {}).items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-      metric_names += [k for k in row["metrics"] if k not in metric_names]
-    rows.append(row)
-  if metric and metric_names and metric not in metric_names:
-    raise SweepError(f"--metric {metric!r} is not among the results' metrics: "
-                     f"{', '.join(metric_names)}.{config_lib.did_you_mean(metric, metric_names)}")
-  metric = metric or default_metric(metric_names)
-  mode = resolve_mode(metric, mode)
-  ranked = _rank(rows, metric, mode)
-  winner = ranked[0] if ranked and metric in ranked[0]["metrics"] else None
-
-  os.makedirs(sweep_dir, exist_ok=True)
-  csv_path = os.path.join(sweep_dir, "sweep.csv")
-  _write_atomic(csv_path, _csv_text(rows, keys, metric_names))
-  markdown = markdown_table(ranked, keys, metric_names, metric, mode, winner)
-  md_path = os.path.join(sweep_dir, "sweep.md")
-  _write_atomic(md_path, markdown)
-  plots = plot_all(rows, keys, metric_names, os.path.join(sweep_dir, "plots"),
-                   winner, mode)
-  return {"rows": rows, "metric": metric, "mode": mode,
-          "winner": winner["point"] if winner else None, "markdown": markdown,
-          "csv": csv_path, "md": md_path, "plots": plots}
-
-
-def _rank(rows, metric, mode):
-  def sort_key(row):
-    value = row["metrics"].get(metric)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-      return (1, 0.0)
-    return (0, -value if mode == "max" else value)
-  return sorted(rows, key=sort_key)  # Stable: ties keep the sweep's order.
-
-
-def _csv_text(rows, keys, metric_names) -> str:
-  out = io.StringIO()
-  writer = csv.writer(out)
-  writer.writerow(["point", *keys, "status", "step", "wall_time_seconds", *metric_names])
-  for row in rows:
-    hp = [format_value(row["hparams"][k]) if k in row["hparams"] else "" for k in keys]
-    metrics = [repr(row["metrics"][m]) if m in row["metrics"] else ""
-               for m in metric_names]
-    writer.writerow([row["point"], *hp, row["status"], _blank(row["step"]),
-                     _blank(row["wall_time_seconds"]), *metrics])
-  return out.getvalue()
-
-
-def _blank(value) -> str:
-  return "" if value is None else str(value)
-
-
-def markdown_table(ranked, keys, metric_names, metric, mode, winner) -> str:
-  """The points best first by `metric`; the winner in bold."""
-  order = ([metric] if metric else []) + [m for m in metric_names if m != metric]
-  better = "higher" if mode == "max" else "lower"
-  head = (f"Sorted by `{metric}` ({better} is better). Winner: **{winner['point']}**."
-          if winner else "No point has finished yet.")
-  columns = ["point", *keys, "status", *order]
-  lines = [head, "", "| " + " | ".join(columns) + " |",
-           "|" + "---|" * len(columns)]
-  for row in ranked:
-    name = f"**{row['point']}**" if row is winner else row["point"]
-    cells = [name]
-    cells += [format_value(row["hparams"][k]) if k in row["hparams"] else ""
-              for k in keys]
-    cells.append(row["status"])
-    cells += [f"{row['metrics'][m]:.4g}" if m in row["metrics"] else "" for m in order]
-    lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def plot_all(rows, keys, metric_names, plot_dir, winner, mode) -> list[str]:
-  """One PNG per (metric, swept hyperparameter that takes several values)."""
-  done = [r for r in rows if r["status"] == "done"]
-  varying = [k for k in keys
-             if len({r["hparams"].get(k) for r in rows if k in r["hparams"]}) > 1]
-  if not done or not varying:
-    return []
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  os.makedirs(plot_dir, exist_ok=True)
-  short = short_keys(keys)
-  paths = []
-  for metric in metric_names:
-    for key in varying:
-      points = [r for r in done if key in r["hparams"] and metric in r["metrics"]]
-      if not points:
-        continue
-      path = os.path.join(plot_dir, f"{_sanitise(metric.replace('/', '.'))}"
-                                    f"--{_sanitise(key)}.png")
-      fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-      _plot_one(ax, points, key, metric, [k for k in varying if k != key], short)
-      if winner in points:
-        x = _x_positions(points, key)[points.index(winner)]
-        ax.plot([x], [winner["metrics"][metric]], marker="*", markersize=14,
-                color="gold", markeredgecolor="black", linestyle="none",
-                label=f"winner ({winner['point']})", zorder=5)
-      ax.set_xlabel(key)
-      ax.set_ylabel(metric)
-      ax.set_title(f"{metric} vs {short[key]}", fontsize=10)
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-      fig.tight_layout()
-      tmp = path + ".tmp.png"
-      fig.savefig(tmp)
-      plt.close(fig)
-      os.replace(tmp, path)
-      paths.append(path)
-  return paths
-
-
-def _numeric(values) -> bool:
-  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
-def use_log_x(values) -> bool:
-  """Log-x for positive numbers spanning 10x or more (1e-3 .. 1e-2 included)."""
-  return (_numeric(values) and all(v > 0 for v in values)
-          and max(values) / min(values) >= 10)
-
-
-def _x_positions(points, key) -> list[float]:
-  values = [p["hparams"][key] for p in points]
-  if _numeric(values):
-    return [float(v) for v in values]
-  categories = list(dict.fromkeys(format_value(v) for v in values))
-  return [float(categories.index(format_value(v))) for v in values]
-
-
-def _plot_one(ax, points, key, metric, others, short) -> None:
-  """The metric against `key`, one line per setting of the other swept keys."""
-  values = [p["hparams"][key] for p in points]
-  xs = _x_positions(points, key)
-  if _numeric(values):
-    if use_log_x(values):
-      ax.set_xscale("log")
-  else:
-    categories = list(dict.fromkeys(format_value(v) for v in values))
-    ax.set_xticks(range(len(categories)), categories, rotation=30, fontsize=8)
-  groups: dict[str, list[int]] = {}
-  for i, p in enumerate(points):
-    label = ",".join(f"{short[k]}={format_value(p['hparams'][k])}"
-                     for k in others if k in p["hparams"])
-    groups.setdefault(label, []).append(i)
-  for label, members in groups.items():
-    members.sort(key=lambda i: xs[i])
-    ax.plot([xs[i] for i in members], [points[i]["metrics"][metric] for i in members],
-            marker="o", label=label or None)
-
-
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
   """Concurrent writers (SLURM tasks collecting) never leave a torn file."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_WORLD
-from multimodal import sweep
+from multimodal import sweep, sweep_devices, sweep_report
 
 
 def _run(args, **kwargs):
@@ -168,26 +168,26 @@ def test_overrides_round_trip_through_the_real_cli_parser(tmp_path):
 
 
 def test_parallel_points_get_disjoint_devices():
-  assert sweep.device_envs("cpu", [], 3) == [{}, {}, {}]
-  assert sweep.device_envs("gpu", ["0", "1", "2", "3"], 1) == [{}]
-  assert sweep.device_envs("gpu", ["0", "1", "2", "3"], 2) == [
+  assert sweep_devices.device_envs("cpu", [], 3) == [{}, {}, {}]
+  assert sweep_devices.device_envs("gpu", ["0", "1", "2", "3"], 1) == [{}]
+  assert sweep_devices.device_envs("gpu", ["0", "1", "2", "3"], 2) == [
       {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
-  assert sweep.device_envs("gpu", ["4", "6", "7"], 3) == [
+  assert sweep_devices.device_envs("gpu", ["4", "6", "7"], 3) == [
       {"CUDA_VISIBLE_DEVICES": "4"}, {"CUDA_VISIBLE_DEVICES": "6"},
       {"CUDA_VISIBLE_DEVICES": "7"}]
-  tpu = sweep.device_envs("tpu", ["0", "1", "2", "3"], 4)
+  tpu = sweep_devices.device_envs("tpu", ["0", "1", "2", "3"], 4)
   assert [e["TPU_VISIBLE_CHIPS"] for e in tpu] == ["0", "1", "2", "3"]
   assert {e["TPU_CHIPS_PER_PROCESS_BOUNDS"] for e in tpu} == {"1,1,1"}
   assert len({e["TPU_PROCESS_PORT"] for e in tpu}) == 4
-  assert sweep.device_envs("tpu", ["0", "1", "2", "3"], 2)[1]["TPU_VISIBLE_CHIPS"] == "2,3"
+  assert sweep_devices.device_envs("tpu", ["0", "1", "2", "3"], 2)[1]["TPU_VISIBLE_CHIPS"] == "2,3"
   with pytest.raises(sweep.SweepError, match="needs at least 4 GPUs; this host has 2"):
-    sweep.device_envs("gpu", ["0", "1"], 4)
+    sweep_devices.device_envs("gpu", ["0", "1"], 4)
 
 
 def test_array_spec_compresses_indices():
-  assert sweep.array_spec([0, 1, 2]) == "0-2"
-  assert sweep.array_spec([5, 0, 2, 3]) == "0,2-3,5"
-  assert sweep.array_spec([4]) == "4"
+  assert sweep_devices.array_spec([0, 1, 2]) == "0-2"
+  assert sweep_devices.array_spec([5, 0, 2, 3]) == "0,2-3,5"
+  assert sweep_devices.array_spec([4]) == "4"
 
 
 def test_slurm_dry_run_prints_the_array_script_of_the_unfinished_points(tmp_path):
@@ -239,7 +239,7 @@ def _fake_sweep(tmp_path):
 
 def test_collect_writes_csv_markdown_and_plots(tmp_path):
   points = _fake_sweep(tmp_path)
-  result = sweep.collect(points, str(tmp_path))
+  result = sweep_report.collect(points, str(tmp_path))
   assert result["metric"] == "eval/acc1" and result["mode"] == "max"
   assert result["winner"] == "lr=0.1,batch_size=32"
 
@@ -269,21 +269,21 @@ def test_collect_writes_csv_markdown_and_plots(tmp_path):
       assert image.format == "PNG" and image.size[0] > 100
       image.verify()
   assert os.path.basename(result["plots"][0]) == "eval.acc1--lr.png"
-  assert sweep.use_log_x([1e-3, 1e-1]) and sweep.use_log_x([1e-3, 1e-2])
-  assert not sweep.use_log_x([32, 64]) and not sweep.use_log_x(["a", "b"])
+  assert sweep_report.use_log_x([1e-3, 1e-1]) and sweep_report.use_log_x([1e-3, 1e-2])
+  assert not sweep_report.use_log_x([32, 64]) and not sweep_report.use_log_x(["a", "b"])
 
   # A loss ranks lowest first; an unknown metric is refused by name.
-  by_loss = sweep.collect(points, str(tmp_path), metric="eval/loss")
+  by_loss = sweep_report.collect(points, str(tmp_path), metric="eval/loss")
   assert by_loss["mode"] == "min" and by_loss["winner"] == "lr=0.1,batch_size=32"
-  worst = sweep.collect(points, str(tmp_path), metric="eval/acc1", mode="min")
+  worst = sweep_report.collect(points, str(tmp_path), metric="eval/acc1", mode="min")
   assert worst["winner"] == "lr=0.001,batch_size=32"
   with pytest.raises(sweep.SweepError, match="'eval/acc' is not among.*eval/acc1"):
-    sweep.collect(points, str(tmp_path), metric="eval/acc")
+    sweep_report.collect(points, str(tmp_path), metric="eval/acc")
 
 
 def test_collect_before_any_point_finished(tmp_path):
   points = sweep.make_points(sweep.expand({"lr": [1e-3, 1e-2]}), str(tmp_path))
-  result = sweep.collect(points, str(tmp_path))
+  result = sweep_report.collect(points, str(tmp_path))
   assert result["winner"] is None and result["plots"] == []
   assert "No point has finished yet" in result["markdown"]
   with open(tmp_path / "sweep.csv") as f:
