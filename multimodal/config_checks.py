@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 
 from multimodal.config_lib import (ConfigError, get_dotted, has_dotted, is_node,
                                    resolve_config_path, walk)
 from multimodal.data import preprocess
+from multimodal.models import variants
 
 
 # -- Image size against patch size -------------------------------------------------
 
 def variant_patch(variant) -> tuple[int, int] | None:
   """The patch a ViT/DiT variant string names: "mu/8" -> (8, 8), "B/16x8" ->
-  (16, 8); None when it names none ("S"). The syntax of models/vit.py and
-  models/dit.py decode_variant (not imported: no JAX before the flags)."""
-  m = re.fullmatch(r"[A-Za-z0-9]+/(\d+)(?:x(\d+))?", variant or "") if isinstance(
-      variant, str) else None
-  if not m:
-    return None
-  return int(m.group(1)), int(m.group(2) or m.group(1))
+  (16, 8); None when it names none ("S")."""
+  parsed = variants.parse(variant)
+  return parsed[1] if parsed else None
 
 
 def tower_patch(tower, key: str) -> tuple[str, tuple[int, int]] | None:

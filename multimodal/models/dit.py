@@ -49,14 +49,13 @@ so parameter counts are DiT's published ones minus num_patches * width.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from multimodal.models import layers
+from multimodal.models import layers, variants
 
 Dtype = Any
 
@@ -78,15 +77,15 @@ def decode_variant(variant: str) -> dict:
   As vit.decode_variant: the patch part is optional ("S" gives no patch_size
   key) and may be rectangular ("B/4x2" -> (4, 2)).
   """
-  m = re.fullmatch(r"([A-Za-z0-9]+)(?:/(\d+)(?:x(\d+))?)?", variant or "")
-  if not m or m.group(1) not in VARIANTS:
+  parsed = variants.parse(variant)
+  if not parsed or parsed[0] not in VARIANTS:
     raise ValueError(f"Unknown DiT variant {variant!r}; valid names are "
                      f"{sorted(VARIANTS)}, optionally followed by /PATCH (e.g. 'XL/2').")
-  width, depth, num_heads = VARIANTS[m.group(1)]
+  name, patch = parsed
+  width, depth, num_heads = VARIANTS[name]
   out = dict(width=width, depth=depth, num_heads=num_heads)
-  if m.group(2):
-    p = int(m.group(2))
-    out["patch_size"] = (p, int(m.group(3)) if m.group(3) else p)
+  if patch:
+    out["patch_size"] = patch
   return out
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from multimodal.models import layers
+from multimodal.models import layers, variants
 
 Dtype = Any
 
@@ -32,15 +31,15 @@ def decode_variant(variant: str) -> dict:
   The patch part is optional ("S" gives no patch_size key) and may be
   rectangular ("B/16x8" -> (16, 8)).
   """
-  m = re.fullmatch(r"([A-Za-z0-9]+)(?:/(\d+)(?:x(\d+))?)?", variant or "")
-  if not m or m.group(1) not in VARIANTS:
+  parsed = variants.parse(variant)
+  if not parsed or parsed[0] not in VARIANTS:
     raise ValueError(f"Unknown model variant {variant!r}; valid names are "
                      f"{sorted(VARIANTS)}, optionally followed by /PATCH (e.g. 'B/16').")
-  width, depth, mlp_dim, num_heads = VARIANTS[m.group(1)]
+  name, patch = parsed
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
   out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
-  if m.group(2):
-    p = int(m.group(2))
-    out["patch_size"] = (p, int(m.group(3)) if m.group(3) else p)
+  if patch:
+    out["patch_size"] = patch
   return out
 
 
