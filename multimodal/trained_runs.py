@@ -58,3 +58,15 @@ def resolve(run, *, cache_root: str, data_dir: str | None, shapes_world: dict | 
     return run.workdir
   return ensure_trained(run.config, cache_root=cache_root, data_dir=data_dir,
                         shapes_world=shapes_world, overrides=overrides)
+
+
+def eval_params(workdir: str) -> dict:
+  """The eval params (EMA if kept) of a run's latest checkpoint, on host."""
+  import jax
+
+  from multimodal import sharding, tasks  # Deferred: tasks import this module.
+  config = config_lib.load_workdir_config(workdir)
+  task = tasks.get(config.task)(config)
+  mesh = sharding.make_mesh({"data": -1})
+  state = trainer.restore_latest(task, config, workdir, mesh)
+  return jax.device_get(trainer.eval_params(state))

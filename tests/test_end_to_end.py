@@ -25,8 +25,8 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   summary = json.loads((workdir / "results.json").read_text())
   results = summary["metrics"]
   # The digest names the checkpoint's final parameters.
-  from multimodal.tasks import vlm
-  assert summary["params_sha256"] == trainer.params_sha256(vlm.trainer_params(str(workdir)))
+  from multimodal import trained_runs
+  assert summary["params_sha256"] == trainer.params_sha256(trained_runs.eval_params(str(workdir)))
   chance = 1 / 8
   assert results["zero_shot_shape/acc1"] > 3 * chance, results
   assert results["zero_shot_colour/acc1"] > 3 * chance, results

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import E2E_WORLD, ROOT, TINY_WORLD
-from multimodal import config_lib, optim, trainer
+from multimodal import config_lib, optim, trained_runs, trainer
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
 from multimodal.tasks import vlm
@@ -112,7 +112,7 @@ def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   start = {what: tree for what, tree in task.pretrained_params()}
   assert len(start) == 2
   trainer.train(task, config, str(tmp_path / "align"))
-  after = vlm.trainer_params(str(tmp_path / "align"))
+  after = trained_runs.eval_params(str(tmp_path / "align"))
   vision, lm = start.values()
   for path, value in optim.param_paths(vision).items():
     np.testing.assert_array_equal(optim.param_paths(after)[path], value, err_msg=path)

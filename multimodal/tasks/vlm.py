@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multimodal import config_checks, config_lib, sharding, trained_runs, trainer
+from multimodal import config_checks, config_lib, trained_runs
 from multimodal.data import preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import captioning, vqa
 from multimodal.importers import hf_llama, hf_tokenizer, safetensors_io
@@ -159,15 +159,15 @@ class VisionLanguageTask(base.Task):
       _, lm = hf_llama.load_hf_llama(self.hf_lm)
       result.append((f"the Hugging Face Llama in {self.hf_lm}", {"llm": lm}))
     if self.config.stage == "align":
-      vision = trainer_params(self.vision_workdir)["img"]
+      vision = trained_runs.eval_params(self.vision_workdir)["img"]
       vision = {k: v for k, v in vision.items() if k not in ("head", "MAPHead_0")}
       result.append((f"the vision tower of the run {self.vision_workdir}", {"img": vision}))
       if not self.hf_lm:
         lm_dir = self._resolve(init.lm)
-        result.append((f"the LM of the run {lm_dir}", {"llm": trainer_params(lm_dir)["llm"]}))
+        result.append((f"the LM of the run {lm_dir}", {"llm": trained_runs.eval_params(lm_dir)["llm"]}))
     elif self.config.stage == "tune":
       run_dir = self._resolve_stage(init.run)
-      result.append((f"the aligned model of the run {run_dir}", trainer_params(run_dir)))
+      result.append((f"the aligned model of the run {run_dir}", trained_runs.eval_params(run_dir)))
     return result
 
   # --- generation --------------------------------------------------------
@@ -233,12 +233,3 @@ class VisionLanguageTask(base.Task):
                          "'vqa' and 'captioning'.")
     return result
 
-
-def trainer_params(workdir: str) -> dict:
-  """The eval params (EMA if kept) of a run's latest checkpoint, on host."""
-  from multimodal import tasks  # Deferred: tasks import this module.
-  config = config_lib.load_workdir_config(workdir)
-  task = tasks.get(config.task)(config)
-  mesh = sharding.make_mesh({"data": -1})
-  state = trainer.restore_latest(task, config, workdir, mesh)
-  return jax.device_get(trainer.eval_params(state))
