@@ -25,9 +25,12 @@ import pytest  # noqa: E402
 # Session fixtures too slow to build once per worker: `./launch.sh test` runs
 # the suite on 2 pytest-xdist workers with --dist loadgroup, and every test
 # using one of these goes to the same worker, which builds it once.
-SHARED_SLOW_FIXTURES = ("trained_clip",)
+SHARED_SLOW_FIXTURES = ("trained_clip", "recognizer_workdir")
 
 
+# First: xdist's own hook turns the xdist_group marks into the node ids it
+# schedules by, so they must be in place before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
   for item in items:
     for name in SHARED_SLOW_FIXTURES:

@@ -112,7 +112,10 @@ def reference_sha(data_dir, request, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["clip", "dit", "vlm"])
+# CLIP and the VLM (not DiT too, to keep CI short): DiT's only extras, its
+# moving average and its per-step draws, are saved state like any other and
+# fold_in(seed, step) like every task's randomness.
+@pytest.mark.parametrize("family", ["clip", "vlm"])
 def test_kill9_at_a_random_step_then_rerun_is_bit_identical(
     family, data_dir, request, reference_sha, tmp_path):
   config = _family_config(family, data_dir, request)
