@@ -12,7 +12,7 @@
 #   ./launch.sh ask --workdir DIR --image PATH "what colour is the square?"   (PATH: a file or a folder)
 #   ./launch.sh caption --workdir DIR --image PATH
 #   ./launch.sh sample --workdir DIR --prompt "a red circle" [--n 16 --cfg 3.0 --steps 50 --sampler ddim]
-#   ./launch.sh bench [--families vlm] [--out FILE] [--smoke]
+#   ./launch.sh bench [--families clip,dit,vlm] [--out FILE] [--profile DIR] [--smoke]
 #   ./launch.sh test [PYTEST ARGS]
 set -euo pipefail
 cd "$(dirname "$0")"
