@@ -323,6 +323,7 @@ def _train(task, config, workdir: str, stop_requests) -> dict:
     writer.close()
     raise
   finally:
+    batches.close()  # Stops the input thread before anything else ends.
     progress.close()
     mngr.wait_until_finished()
 

@@ -561,31 +561,50 @@ def iterate_global(ds: tf.data.Dataset, sharding, *, what: str,
   """Yields global batches, moved to devices by a background thread.
 
   A tf.data failure (most often an image record that does not decode) becomes
-  a DataError naming the dataset and the cause, not a TF traceback.
+  a DataError naming the dataset and the cause, not a TF traceback. Closing
+  the generator (or its consumer failing) stops and joins the thread: one
+  left reading tf.data while the interpreter exits can abort the process
+  ("terminate called without an active exception") after the run is done.
   """
   buffer: queue.Queue = queue.Queue(maxsize=prefetch)
   done = object()
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    """Waits for room in the buffer; False once the consumer has stopped."""
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def produce():
     try:
       for local_batch in ds.as_numpy_iterator():
-        buffer.put(to_global_arrays(local_batch, sharding))
-      buffer.put(done)
+        if not put(to_global_arrays(local_batch, sharding)):
+          return
+      put(done)
     except tf.errors.OpError as e:
-      buffer.put(errors.DataError(
+      put(errors.DataError(
           f"reading {what} failed: {e.message.strip().splitlines()[0]}. A "
           "record is corrupt or not of the expected format (for images: not a "
           "decodable JPEG/PNG). Regenerate or clean the dataset, or drop the "
           "record from the shards."))
     except BaseException as e:  # Surface any other failure in the consumer.
-      buffer.put(e)
+      put(e)
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()
-  while True:
-    item = buffer.get()
-    if item is done:
-      return
-    if isinstance(item, BaseException):
-      raise item
-    yield item
+  try:
+    while True:
+      item = buffer.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join(timeout=60)
