@@ -22,20 +22,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-# Session fixtures too slow to build once per worker: `./launch.sh test` runs
-# the suite on 2 pytest-xdist workers with --dist loadgroup, and every test
-# using one of these goes to the same worker, which builds it once.
-SHARED_SLOW_FIXTURES = ("trained_clip", "recognizer_workdir")
-
-
-# First: xdist's own hook turns the xdist_group marks into the node ids it
-# schedules by, so they must be in place before it runs.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-  for item in items:
-    for name in SHARED_SLOW_FIXTURES:
-      if name in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group(name))
+# `./launch.sh test` runs the suite on 2 pytest-xdist workers with --dist
+# loadgroup: every test that uses `trained_clip` (below), too slow to train
+# once per worker, carries @pytest.mark.xdist_group(TRAINED_CLIP_GROUP) and so
+# runs on the worker that trained it.
+TRAINED_CLIP_GROUP = "trained_clip"
 
 # A shapes world small enough to build in seconds, shared by every test that
 # trains or evaluates.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import E2E_WORLD, ROOT
+from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP
 from multimodal.benchmarks import results
 
 
@@ -41,6 +41,7 @@ def shapes_folder(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_eval_benchmarks_on_a_folder_dataset(trained_clip, shapes_folder, data_dir, tmp_path):
   workdir, _ = trained_clip
   out = tmp_path / "bench"
@@ -72,6 +73,7 @@ def test_eval_benchmarks_on_a_folder_dataset(trained_clip, shapes_folder, data_d
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_embed_and_search(trained_clip, shapes_folder, tmp_path):
   workdir, _ = trained_clip
   texts = tmp_path / "texts.txt"

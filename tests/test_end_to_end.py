@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from conftest import E2E_WORLD, ROOT
+from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP
 from multimodal import trainer
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   workdir, run = trained_clip
   assert "zero_shot_shape" in run.stdout  # The printed results table.

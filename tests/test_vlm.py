@@ -14,7 +14,7 @@ import optax
 import pytest
 import tensorflow as tf
 
-from conftest import E2E_WORLD, ROOT, TINY_WORLD
+from conftest import E2E_WORLD, ROOT, TINY_WORLD, TRAINED_CLIP_GROUP
 from multimodal import config_lib, optim, trained_runs, trainer
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
@@ -126,6 +126,7 @@ def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
   """All stages through `run` (the earlier ones trained on first use) on the
   vision tower of conftest's CLI-trained CLIP: VQA answers colour and count
