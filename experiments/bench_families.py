@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 from experiments import bench_peers
-from experiments.bench_rows import (PROFILED_STEPS, Settings, maybe_profile,
-                                    median_throughput, row, train_rows)
+from experiments.bench_rows import (Settings, median_throughput, peer_throughput, row,
+                                    timed_and_profiled, train_rows)
 from multimodal import measure, sharding, trainer
 
 # The shapes world of --smoke: as the test suite's (tests/conftest.py), so
@@ -87,17 +87,11 @@ def _clip_eval_rows(bench, settings: Settings, shape: dict) -> list[dict]:
   count = int(batch["image"].shape[0])
   with sharding.mesh_context(bench.mesh):
     encode = lambda: measure.block(evaluator.encode_images(params, batch["image"]))
-    images_per_s, seconds = median_throughput(encode, count, settings)
-    profile = {}
-    with maybe_profile(settings, "clip_eval_forward", profile):
-      for _ in range(PROFILED_STEPS):
-        encode()
-  peer = None
-  if bench_peers.available():
-    peer_embed = bench_peers.clip_embed_images(
-        image_size=config.input.image_size, patch_size=config.model.image["patch_size"][0],
-        **shape, out_dim=config.model.out_dim, batch=count)
-    peer = count / measure.median_seconds(peer_embed, settings.repeats, warmup=1)
+    images_per_s, seconds, profile = timed_and_profiled(
+        encode, count, settings, "clip_eval_forward")
+  peer = peer_throughput(lambda: bench_peers.clip_embed_images(
+      image_size=config.input.image_size, patch_size=config.model.image["patch_size"][0],
+      **shape, out_dim=config.model.out_dim, batch=count), count, settings)
   forward = row("clip eval image encoder", "images/s", images_per_s, seconds=seconds,
                 peer_name="CLIPModel.get_image_features", peer=peer, **profile)
   # End to end: tf.data decode and resize, the class embeddings, every batch.
@@ -141,16 +135,9 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
     measure.reset_peak_memory()
     _, compile_s = measure.compile_seconds(sample, params, condition)
     run = lambda: measure.block(sample(params, condition))
-    steps_per_s, seconds = median_throughput(run, steps, settings)
-    profile = {}
-    with maybe_profile(settings, "dit_sampler", profile):
-      for _ in range(PROFILED_STEPS):
-        run()
-  peer = None
-  if bench_peers.available():
-    peer_loop = bench_peers.dit_sample_loop(**shape, batch=batch, steps=steps,
-                                            cfg_scale=DIT_CFG_SCALE)
-    peer = steps / measure.median_seconds(peer_loop, settings.repeats, warmup=1)
+    steps_per_s, seconds, profile = timed_and_profiled(run, steps, settings, "dit_sampler")
+  peer = peer_throughput(lambda: bench_peers.dit_sample_loop(
+      **shape, batch=batch, steps=steps, cfg_scale=DIT_CFG_SCALE), steps, settings)
   rows.append(row(f"dit DDIM sampler, batch {batch}, cfg {DIT_CFG_SCALE}", "steps/s",
                   steps_per_s, seconds=seconds / steps, compile_s=compile_s,
                   peak_mib=measure.peak_memory_mib(),

@@ -118,10 +118,8 @@ class StepBench:
         self.state, metrics = compiled(self.state, self.batch)
         measure.block((self.state, metrics))
 
-      seconds = measure.median_seconds(step, settings.repeats, warmup=2)
-      with maybe_profile(settings, name, summary):
-        for _ in range(PROFILED_STEPS):
-          step()
+      _, seconds, profile = timed_and_profiled(step, 1, settings, name, warmup=2)
+    summary.update(profile)
     return compile_s, seconds
 
   def pipeline_examples_per_s(self) -> float:
@@ -166,3 +164,23 @@ def median_throughput(fn, count: int, settings: Settings) -> tuple[float, float]
   """(items per second, median seconds) of `fn`, which does `count` items."""
   seconds = measure.median_seconds(fn, settings.repeats, warmup=1)
   return count / seconds, seconds
+
+
+def timed_and_profiled(fn, count: int, settings: Settings, name: str,
+                       warmup: int = 1) -> tuple[float, float, dict]:
+  """(items per second, median seconds, profile summary) of `fn`, which
+  does `count` items: timed first, then (if asked) traced as `name`."""
+  seconds = measure.median_seconds(fn, settings.repeats, warmup=warmup)
+  profile = {}
+  with maybe_profile(settings, name, profile):
+    for _ in range(PROFILED_STEPS):
+      fn()
+  return count / seconds, seconds, profile
+
+
+def peer_throughput(factory, count: int, settings: Settings) -> float | None:
+  """Items per second of the PyTorch peer `factory()` builds (its callable
+  does `count` items), or None without torch."""
+  if not bench_peers.available():
+    return None
+  return count / measure.median_seconds(factory(), settings.repeats, warmup=1)
