@@ -222,9 +222,10 @@ def test_dit_config_matches_jaxpr(arg):
   assert traced == flops.forward_flops(config, b)
 
 
-@pytest.mark.parametrize("stage", ["tune", "lm"])
-def test_vlm_config_matches_jaxpr(stage):
-  config = vlm_shapes.get_config(f"stage={stage}")
+@pytest.mark.parametrize("stage,projector", [("tune", "conv"), ("tune", "mlp"),
+                                              ("tune", "linear"), ("lm", "conv")])
+def test_vlm_config_matches_jaxpr(stage, projector):
+  config = vlm_shapes.get_config(f"stage={stage},projector={projector}")
   vision = clip_shapes.get_config()  # config.model.vision.config's run.
   b, size = config.input.batch_size, vision.input.image_size
   model = vlm.VisionLanguageModel(

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ from conftest import E2E_WORLD, ROOT, TINY_WORLD, TRAINED_CLIP_GROUP
 from multimodal import config_lib, optim, trained_runs, trainer
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
+from multimodal.models import vlm as vlm_model
 from multimodal.tasks import vlm
 
 
@@ -101,6 +103,33 @@ def test_loss_counts_answer_tokens_only(align_task):
   # Prompt positions carry real (and large) errors that the loss leaves out.
   prompt_ce = ce[(weights == 0) & (np.asarray(batch["input_mask"][:, 1:]) == 1)]
   assert prompt_ce.size and abs(prompt_ce.mean() - float(loss)) > 1e-3
+
+
+def test_conv_projector_against_numpy():
+  """projector="conv": token (r, c) mixes the 3x3 patches around it (zero
+  padding at the border), as a numpy reference computes it, then GELU and
+  the second Dense."""
+  rng = np.random.default_rng(0)
+  side, channels, width = 4, 5, 6
+  tokens = rng.normal(size=(2, side * side, channels)).astype(np.float32)
+  projector = vlm_model.Projector("conv", width)
+  params = projector.init(jax.random.key(0), tokens)["params"]
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                        nn.unbox(params))
+  got = projector.apply({"params": params}, tokens)
+
+  kernel, bias = np.asarray(params["Conv_0"]["kernel"]), np.asarray(params["Conv_0"]["bias"])
+  grid = np.pad(tokens.reshape(2, side, side, channels), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  hidden = np.zeros((2, side, side, width), np.float32) + bias
+  for dy in range(3):
+    for dx in range(3):
+      hidden += grid[:, dy:dy + side, dx:dx + side] @ kernel[dy, dx]
+  hidden = np.asarray(jax.nn.gelu(hidden.reshape(2, side * side, width), approximate=False))
+  want = hidden @ np.asarray(params["Dense_1"]["kernel"]) + np.asarray(params["Dense_1"]["bias"])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  with pytest.raises(ValueError, match="square patch grid"):
+    projector.apply({"params": params}, tokens[:, :12])
 
 
 def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
