@@ -58,8 +58,7 @@ def get_config(arg=None):
   # shape only slowly; early convolutions (beside a linear patchify) fix that
   # (see models/vit.py).
   # pool="map" (SigLIP's attention pooling) learnt shape better here than
-  # "gap" (zero-shot 0.97 vs 0.95; README, "Vision-language model"), and its
-  # patch tokens hold more of their own object.
+  # "gap" (zero-shot 0.97 vs 0.95; README, "Vision-language model").
   c.model.image = dict(variant=arg.variant, stem=arg.stem, pool_type=arg.pool,
                        posemb="learn")
   c.model.text = dict(variant=arg.text_variant, causal=True, pool="eos")

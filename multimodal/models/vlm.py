@@ -32,10 +32,8 @@ class Projector(nn.Module):
 
   "conv" is for small vision towers whose tokens hold little beyond their own
   patch: an object larger than a patch has its shape spread over its
-  neighbours. On the shapes world, a linear probe reads an object's shape
-  from the default CLIP's token at its centre 61% of the time, from the 3x3
-  tokens around it 81% (93% with pool="map"); in the VLM it has not yet
-  raised VQA accuracy (README, "Vision-language model").
+  neighbours. On the shapes world it has not yet raised VQA accuracy
+  (README, "Vision-language model").
   """
   kind: str
   out_dim: int
@@ -53,10 +51,7 @@ class Projector(nn.Module):
                       bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))
     if self.kind == "linear":
       return dense("Dense_0")(x)
-    if self.kind == "conv":
-      hidden = self._conv3x3(x)
-    else:
-      hidden = dense("Dense_0")(x)
+    hidden = self._conv3x3(x) if self.kind == "conv" else dense("Dense_0")(x)
     # The hidden layer keeps the LM width, as in LLaVA-1.5.
     return dense("Dense_1")(nn.gelu(hidden, approximate=False))
 
