@@ -47,7 +47,8 @@ COLUMNS = (("benchmark", "benchmark"), ("compile_s", "compile s"), ("step_ms", "
            ("ours", "ours"), ("unit", "unit"), ("model_gflop", "model GFLOP"),
            ("mfu", "MFU"), ("ms_per_token", "ms/token"), ("peak_mib", "peak MiB"),
            ("peer_name", "peer"),
-           ("peer", "peer"), ("ours_over_peer", "ours/peer"))
+           ("peer", "peer"), ("ours_over_peer", "ours/peer"),
+           ("before_peak_mib", "before: peak MiB"))
 
 
 def _cell(key: str, value) -> str:

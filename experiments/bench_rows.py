@@ -85,7 +85,8 @@ class StepBench:
   state), minus checkpoints and pretrained weights: speed does not depend on
   the values of the weights."""
 
-  def __init__(self, config):
+  def __init__(self, config, **step_options):
+    """`step_options`: trainer.make_train_step's before/after switches."""
     self.config = config
     self.task = tasks.get(config.task)(config)
     self.mesh = sharding.make_mesh(config.mesh)
@@ -95,7 +96,7 @@ class StepBench:
           self.task, config, self.mesh, total_steps=1000)
       self.state = init_fn()
       self.step_fn = trainer.make_train_step(
-          self.task, config, tx, schedule, shardings, self.mesh)
+          self.task, config, tx, schedule, shardings, self.mesh, **step_options)
     self.batch = next(self.global_batches())
 
   def dataset(self):
@@ -121,6 +122,17 @@ class StepBench:
       _, seconds, profile = timed_and_profiled(step, 1, settings, name, warmup=2)
     summary.update(profile)
     return compile_s, seconds
+
+  def model_flops(self) -> dict:
+    """{"model_flops"}: MaxText's convention, 3 x the forward matmuls. With
+    frozen parameters the step skips part of the backward that the
+    convention counts (optim.without_frozen_gradients), so then the matmuls
+    of the traced step, and the convention's count as "convention_gflop"."""
+    convention = flops.train_step_flops(self.config)
+    if not self.config.get("freeze"):
+      return {"model_flops": convention}
+    traced = flops.jaxpr_matmul_flops(self.step_fn, self.state, self.batch)
+    return {"model_flops": float(traced), "convention_gflop": convention / 1e9}
 
   def pipeline_examples_per_s(self) -> float:
     """The training input pipeline alone (read, decode, pp, batch), on the
@@ -148,7 +160,7 @@ def train_rows(name: str, config, settings: Settings, peer_name: str | None = No
     peer_step = peer_factory(bench)
     peer = bench.batch_size / measure.median_seconds(peer_step, settings.repeats, warmup=2)
   step_row = row(f"{name} train step", "examples/s", consumed, seconds=seconds,
-                 compile_s=compile_s, model_flops=flops.train_step_flops(config),
+                 compile_s=compile_s, **bench.model_flops(),
                  settings=settings, peak_mib=peak,
                  peer_name=peer_name if peer_factory is not None else None, peer=peer,
                  **profile)
@@ -158,6 +170,65 @@ def train_rows(name: str, config, settings: Settings, peer_name: str | None = No
   pipeline_row = row(f"{name} input pipeline", "examples/s", supplied,
                      peer_name=f"{name} train step consumes", peer=consumed)
   return [step_row, pipeline_row], bench
+
+
+def before_row(change: str, after: dict, config, settings: Settings, **before_options) -> dict:
+  """A speed change's before/after row: the train step as it runs now
+  (`after`, a train_rows step row) beside the step built with
+  `before_options`, which undo the change. The "peer" is the old code, so
+  ours/peer is the speed-up; peak memory is reported for both."""
+  measure.reset_peak_memory()
+  before = StepBench(config, **before_options)
+  _, seconds = before.time_steps(dataclasses.replace(settings, profile_dir=None), "", {})
+  return row(f"{after['benchmark']}, {change}", "examples/s", after["ours"],
+             seconds=after["step_ms"] / 1e3, peak_mib=after["peak_mib"],
+             peer_name="before: " + ", ".join(f"{k}={v}" for k, v in before_options.items()),
+             peer=before.batch_size / seconds, before_peak_mib=measure.peak_memory_mib())
+
+
+def loop_rows(name: str, bench: StepBench, settings: Settings, steps: int) -> list[dict]:
+  """Two before/after rows of the training loop around the step, `steps`
+  steps on the pipeline's batches as trainer.train runs them: batches moved
+  to the devices by a background thread (pipeline.iterate_global), not read
+  in the loop; metrics fetched to the host every config.log_steps steps,
+  not after every step (a fetch waits for the step, so the host cannot
+  queue the next one meanwhile)."""
+  log_steps = bench.config.get("log_steps", 50)
+
+  def examples_per_s(prefetch: bool, fetch_every: int) -> float:
+    if prefetch:
+      batches = bench.global_batches()
+    else:
+      shard = sharding.batch_sharding(bench.mesh)
+      batches = (pipeline.to_global_arrays(b, shard)
+                 for b in bench.dataset().as_numpy_iterator())
+    # Warm-up: file opening, shuffle buffer fill, the jit's own compile.
+    with sharding.mesh_context(bench.mesh):
+      bench.state, metrics = bench.step_fn(bench.state, next(batches))
+      measure.block((bench.state, metrics))
+
+    def loop():
+      metrics = None
+      for i in range(steps):
+        bench.state, metrics = bench.step_fn(bench.state, next(batches))
+        if (i + 1) % fetch_every == 0:
+          jax.device_get(metrics)
+      measure.block((bench.state, metrics))
+
+    with sharding.mesh_context(bench.mesh):
+      seconds = measure.median_seconds(loop, min(settings.repeats, 3), warmup=0)
+    if hasattr(batches, "close"):
+      batches.close()  # Stops iterate_global's thread.
+    return steps * bench.batch_size / seconds
+
+  after = examples_per_s(prefetch=True, fetch_every=log_steps)
+  loop = f"{name} train loop, {steps} steps"
+  return [row(f"{loop}, batches prefetched by a thread", "examples/s", after,
+              peer_name="before: read in the loop",
+              peer=examples_per_s(prefetch=False, fetch_every=log_steps)),
+          row(f"{loop}, metrics fetched every {log_steps} steps", "examples/s", after,
+              peer_name="before: every step",
+              peer=examples_per_s(prefetch=True, fetch_every=1))]
 
 
 def median_throughput(fn, count: int, settings: Settings) -> tuple[float, float]:

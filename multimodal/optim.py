@@ -27,6 +27,23 @@ def path_mask(params, pattern: str):
   return traverse_util.unflatten_dict(mask)
 
 
+def without_frozen_gradients(fn, freeze: str | None):
+  """`fn(params, *args)`, to be differentiated, with the parameters that
+  `freeze` names (make_optimizer's config.freeze) as constants. Their
+  gradients are then symbolic zeros, so the backward pass computes neither
+  them nor anything only they need: a frozen vision tower below a trained
+  projector loses its whole backward pass. The optimizer ignores their
+  gradients anyway (set_to_zero), so the updates are the same."""
+  if not freeze:
+    return fn
+
+  def with_constants(params, *args):
+    constant = path_mask(params, freeze)
+    return fn(jax.tree.map(lambda p, c: jax.lax.stop_gradient(p) if c else p,
+                           params, constant), *args)
+  return with_constants
+
+
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
   sched = config.schedule
   warmup = int(sched.warmup_steps)

@@ -147,12 +147,18 @@ def restore_state(mngr, abstract: dict):
   return state, data_position
 
 
-def make_train_step(task, config, tx, schedule, state_shardings, mesh):
+def make_train_step(task, config, tx, schedule, state_shardings, mesh, *,
+                    donate: bool = True, frozen_backward: bool = False):
+  """The jitted step. `donate` (the state's buffers are reused for the new
+  state) and `frozen_backward` (differentiate frozen parameters too, as this
+  step once did) exist for the benchmark's before/after rows."""
+  freeze = None if frozen_backward else config.get("freeze")
+
   def train_step(state, batch):
     rng = step_rng(config, state["step"])
     batch = task.random_draws(batch, rng)
     (loss, metrics), grads = task.loss_and_grads(
-        state["params"], batch, rng, grad_accum_steps(config))
+        state["params"], batch, rng, grad_accum_steps(config), freeze=freeze)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -189,7 +195,7 @@ def make_train_step(task, config, tx, schedule, state_shardings, mesh):
   return jax.jit(train_step,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=0 if donate else ())
 
 
 def _check_health(metrics: dict, policy: str, mngr) -> None:

@@ -8,9 +8,15 @@ import sys
 from conftest import ROOT
 
 EXPECTED_ROWS = (
-    "matmul peak", "clip train step", "clip input pipeline", "clip eval image encoder",
+    "matmul peak", "clip train step", "clip input pipeline",
+    "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
+    "clip train loop, 3 steps, metrics fetched every", "clip eval image encoder",
     "clip zero-shot eval", "dit train step", "dit input pipeline", "dit DDIM sampler",
+    "vlm train step", "vlm input pipeline",
+    "vlm train step, frozen vision tower not differentiated",
     "vlm decode mu, batch 2, prompt 8, 4 new", "vlm decode mu, batch 2, prompt 8, 8 new")
+# Rows without a PyTorch peer or an earlier version of our code beside them.
+PEERLESS = ("clip zero-shot eval", "vlm train step")
 
 
 def test_bench_smoke(data_dir, tmp_path):
@@ -26,16 +32,28 @@ def test_bench_smoke(data_dir, tmp_path):
   for row, name in zip(rows, EXPECTED_ROWS):
     assert row["benchmark"].startswith(name), (row, name)
     assert row["ours"] > 0, row
-    if name != "clip zero-shot eval":  # The only row without a peer.
-      assert row["peer"] > 0 and row["ours_over_peer"] > 0, row
+    if name not in PEERLESS:
+      assert row["peer"] > 0 and row["ours_over_peer"] == row["ours"] / row["peer"], row
   steps = [r for r in rows if r["benchmark"].endswith("train step")]
+  assert len(steps) == 3
   for row in steps:
     assert row["compile_s"] > 0 and row["step_ms"] > 0 and row["peak_mib"] > 0
     assert row["model_gflop"] > 0 and 0 < row["mfu"]
-    assert row["ours_over_peer"] == row["ours"] / row["peer"]
+  # A before/after row sets the step as it runs now beside the step with
+  # the change undone.
+  for change in ("buffers donated", "frozen vision tower not differentiated"):
+    row = next(r for r in rows if r["benchmark"].endswith(change))
+    assert row["peer_name"].startswith("before: ") and row["before_peak_mib"] > 0, row
+    after = next(r for r in steps if row["benchmark"].startswith(r["benchmark"]))
+    assert row["ours"] == after["ours"], (row, after)
+  # The frozen tower's backward is not counted, as it is not run: the VLM's
+  # FLOPs are under MaxText's 3 x forward, and over 1 x.
+  vlm_step = next(r for r in steps if r["benchmark"] == "vlm train step")
+  convention = vlm_step["convention_gflop"]
+  assert convention / 3 < vlm_step["model_gflop"] < convention, vlm_step
   # Each of our timed rows left a jax.profiler trace for TensorBoard.
   traces = {p.parent.parent.parent.parent.name for p in (tmp_path / "prof").rglob("*.xplane.pb")}
-  assert {"clip_train_step", "dit_train_step", "dit_sampler"} <= traces, traces
+  assert {"clip_train_step", "dit_train_step", "dit_sampler", "vlm_train_step"} <= traces, traces
   # ... summed by XLA op kind: the parts add up to the whole.
   for row in steps:
     profile = row["profile_ms"]

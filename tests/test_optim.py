@@ -61,3 +61,26 @@ def test_bad_lr_mults_are_named():
   for bad, match in ((("head/.*", 0.1), "pairs"), ((("head/[", 0.1),), "not a regex")):
     with pytest.raises(ValueError, match=match):
       optim.make_optimizer(config(lr_mults=bad), PARAMS, 10)
+
+
+def test_frozen_params_cost_no_backward_work():
+  """A frozen encoder below a trained head: its gradients are exact zeros
+  and the backward pass computes neither them nor the gradient of its
+  input, so the traced matmuls are the forward's 2 plus the head's weight
+  gradient; the head's gradient is the unfrozen one."""
+  from multimodal import flops
+  x = jnp.arange(6.0).reshape(3, 2)
+
+  def loss(params):
+    h = jnp.tanh(x @ params["encoder"]["dense"]["kernel"] + params["encoder"]["dense"]["bias"])
+    return jnp.sum((h @ params["head"]["kernel"] + params["head"]["bias"]) ** 2)
+
+  frozen_grad = jax.grad(optim.without_frozen_gradients(loss, r"encoder/.*"))
+  grads, full = frozen_grad(PARAMS), jax.grad(loss)(PARAMS)
+  for leaf in jax.tree.leaves(grads["encoder"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+  jax.tree.map(np.testing.assert_array_equal, grads["head"], full["head"])
+  one = 2 * 3 * 2 * 2  # Any of the [3, 2] x [2, 2] matmuls.
+  assert flops.jaxpr_matmul_flops(jax.grad(loss), PARAMS) == 5 * one  # 2 fwd + 3 bwd.
+  assert flops.jaxpr_matmul_flops(frozen_grad, PARAMS) == 3 * one
+  assert optim.without_frozen_gradients(loss, None) is loss

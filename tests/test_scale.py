@@ -69,11 +69,12 @@ def family(request, data_dir, clip_workdir):
   return request.param, task, config, batch, one_step(task, config, single, batch)
 
 
-def one_step(task, config, mesh, local_batch):
+def one_step(task, config, mesh, local_batch, **step_options):
   """(loss, params before, params after one train step) on `mesh`, on host."""
   with sharding.mesh_context(mesh):
     init_fn, shardings, tx, schedule = trainer.create_train_state(task, config, mesh, 10)
-    step = trainer.make_train_step(task, config, tx, schedule, shardings, mesh)
+    step = trainer.make_train_step(task, config, tx, schedule, shardings, mesh,
+                                   **step_options)
     state = init_fn()
     before = jax.device_get(state["params"])
     state, metrics = step(
@@ -114,6 +115,25 @@ def test_gradient_accumulation_equals_the_large_batch_step(family):
   config.mesh = MESHES["data=2,fsdp=2,tensor=2"]
   assert_same_step(one_step(task, config, sharding.make_mesh(config.mesh), batch),
                    reference)
+
+
+@pytest.mark.parametrize("microbatches", (1, 4))
+def test_frozen_towers_skip_their_backward_pass_and_the_step_is_unchanged(
+    family, microbatches):
+  """The vision tower frozen (LiT; the VLM's stages): the step that does not
+  differentiate it (optim.without_frozen_gradients, CLIP's accumulation
+  path too) updates the rest as the step that did, and leaves it as is."""
+  name, task, config, batch, _ = family
+  if name not in ("clip", "vlm"):
+    pytest.skip("the families whose vision tower a config freezes")
+  config = config.copy_and_resolve_references()
+  config.freeze = "img/.*"
+  config.grad_accum_steps = microbatches
+  single = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  now = one_step(task, config, single, batch)
+  assert_same_step(now, one_step(task, config, single, batch, frozen_backward=True))
+  _, before, after = now
+  jax.tree.map(np.testing.assert_array_equal, after["img"], before["img"])
 
 
 def test_microbatches_must_span_the_data_parallel_devices(family, tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import jax
 import tensorflow as tf
 
-from multimodal import accumulate, config_checks, config_lib, sharding
+from multimodal import accumulate, config_checks, config_lib, optim, sharding
 from multimodal.data import pipeline, sources
 from multimodal.models import layers
 
@@ -77,11 +77,16 @@ class Task(abc.ABC):
     del rng
     return batch
 
-  def loss_and_grads(self, params, batch: dict, rng: jax.Array, microbatches: int):
+  def loss_and_grads(self, params, batch: dict, rng: jax.Array, microbatches: int,
+                     freeze: str | None = None):
     """((loss, metrics), grads) on one global batch, computed in
     `microbatches` sequential pieces. Exact for losses that are means of
-    per-example terms; a loss coupling the examples overrides this."""
-    return accumulate.mean_loss_and_grads(self.loss_fn, params, batch, rng, microbatches)
+    per-example terms; a loss coupling the examples overrides this. The
+    parameters `freeze` names get zero gradients, and cost no backward work
+    (optim.without_frozen_gradients)."""
+    return accumulate.mean_loss_and_grads(
+        optim.without_frozen_gradients(self.loss_fn, freeze), params, batch, rng,
+        microbatches)
 
   def pretrained_params(self) -> list[tuple[str, dict]]:
     """(where from, nested dict of host arrays) pairs that replace parts of a

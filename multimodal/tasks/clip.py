@@ -1,11 +1,13 @@
 """Contrastive image-text pretraining: CLIP (softmax) and SigLIP (sigmoid)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import accumulate, config_lib, losses, sharding
+from multimodal import accumulate, config_lib, losses, optim, sharding
 from multimodal.data import pipeline, preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import retrieval, templates, zero_shot
 from multimodal.models import two_towers
@@ -93,7 +95,7 @@ class ContrastiveTask(base.Task):
         {"params": params}, batch["image"], batch["tokens"], train=True)
     return self._contrastive(zimg, ztxt, aux)
 
-  def loss_and_grads(self, params, batch, rng, microbatches):
+  def loss_and_grads(self, params, batch, rng, microbatches, freeze=None):
     """Accumulation for a loss that couples the whole batch (every image
     against every text), exact as in open_clip's --accum-freq (GradCache):
     1. embed each microbatch, keeping no activations;
@@ -103,9 +105,10 @@ class ContrastiveTask(base.Task):
        through the towers (a VJP), summed over microbatches.
     Towers run forward twice; activations live for one microbatch."""
     if microbatches == 1:
-      return super().loss_and_grads(params, batch, rng, microbatches)
+      return super().loss_and_grads(params, batch, rng, microbatches, freeze)
     micro = accumulate.split(batch, microbatches)
 
+    @functools.partial(optim.without_frozen_gradients, freeze=freeze)
     def towers(p, microbatch):
       zimg, ztxt, _ = self.model.apply(
           {"params": p}, microbatch["image"], microbatch["tokens"], train=True)
@@ -113,6 +116,7 @@ class ContrastiveTask(base.Task):
 
     zimg, ztxt = jax.lax.map(lambda m: towers(params, m), micro)  # [k, b, D] each.
 
+    @functools.partial(optim.without_frozen_gradients, freeze=freeze)
     def head(p, zimg, ztxt):
       _, _, aux = self.model.apply({"params": p}, None, None, train=True)
       return self._contrastive(accumulate.merge(zimg), accumulate.merge(ztxt), aux)
