@@ -539,17 +539,20 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
   _key("prompt_key", prompt_key)
   _key("answer_key", answer_key)
 
-  def layout(prompt, answer):
-    p_ids = tokenizer.encode([prompt], max_len)[0]
-    a_ids = tokenizer.encode([answer], max_len)[0]
-    # encode() ends each with EOS: drop it, then end the answer with one. A
-    # tokenizer that starts sequences with BOS (Llama's) keeps the prompt's:
-    # the answer continues the same sequence.
-    p_ids = p_ids[:np.argmax(p_ids == tokenizer.eos_id)][:max_len - 1]
-    a_ids = a_ids[:np.argmax(a_ids == tokenizer.eos_id)]
+  def ids_of(prompt, answer):
+    """The prompt's and the answer's ids, without EOS (nor, for a tokenizer
+    that starts sequences with BOS, Llama's, the answer's BOS: it continues
+    the prompt's sequence). One call, and one position more than the layout
+    has: a text with max_len or more ids still shows that it does not fit."""
+    rows = tokenizer.encode([_as_str(prompt), _as_str(answer)], max_len + 1)
+    p_ids, a_ids = (row[:np.argmax(row == tokenizer.eos_id)] for row in rows)
     bos_id = getattr(tokenizer, "bos_id", None)
     if bos_id is not None and len(a_ids) and a_ids[0] == bos_id:
       a_ids = a_ids[1:]
+    return p_ids, a_ids
+
+  def layout(p_ids, a_ids):
+    p_ids = p_ids[:max_len - 1]
     a_ids = np.concatenate([a_ids[:max_len - len(p_ids) - 1], [tokenizer.eos_id]])
     ids = np.concatenate([p_ids, a_ids]).astype(np.int32)
     n = len(ids)
@@ -561,32 +564,23 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
     out[3, :n] = 1  # input_mask
     return out
 
-  def flags(prompt, answer):
-    """(whether layout cut a text to fit, whether the answer is empty)."""
-    # One more position than layout has: a text with max_len or more ids
-    # still shows that it has at least that many, which never fit.
-    p_ids = tokenizer.encode([prompt], max_len + 1)[0]
-    a_ids = tokenizer.encode([answer], max_len + 1)[0]
-    n_prompt = int(np.argmax(p_ids == tokenizer.eos_id))
-    n_answer = int(np.argmax(a_ids == tokenizer.eos_id))
-    bos_id = getattr(tokenizer, "bos_id", None)
-    if bos_id is not None and n_answer and a_ids[0] == bos_id:
-      n_answer -= 1
-    kept_prompt = min(n_prompt, max_len - 1)
-    cut = n_prompt > kept_prompt or n_answer > max_len - kept_prompt - 1
-    return np.bool_(cut), np.bool_(not answer.strip())
+  def layout_and_flags(prompt, answer):
+    """layout, whether it cut a text to fit, whether the answer is empty."""
+    p_ids, a_ids = ids_of(prompt, answer)
+    kept_prompt = min(len(p_ids), max_len - 1)
+    cut = len(p_ids) > kept_prompt or len(a_ids) > max_len - kept_prompt - 1
+    return layout(p_ids, a_ids), np.bool_(cut), np.bool_(not _as_str(answer).strip())
 
   def fn(example):
     if tokenizer is None:
       raise PreprocessError("vlm_text needs build(spec, tokenizer=...)")
     texts = [_get(example, prompt_key), _get(example, answer_key)]
     if TRUNCATED_TEXTS not in example:
-      out = tf.numpy_function(lambda p, a: layout(_as_str(p), _as_str(a)),
-                              texts, tf.int32, stateful=False)
+      out = tf.numpy_function(lambda p, a: layout(*ids_of(p, a)), texts, tf.int32,
+                              stateful=False)
     else:
       out, cut, empty = tf.numpy_function(
-          lambda p, a: (layout(_as_str(p), _as_str(a)), *flags(_as_str(p), _as_str(a))),
-          texts, [tf.int32, tf.bool, tf.bool], stateful=False)
+          layout_and_flags, texts, [tf.int32, tf.bool, tf.bool], stateful=False)
       out = _reject_empty_text(example, "vlm_text", answer_key, empty, out)
       example = dict(example)
       _count(example, TRUNCATED_TEXTS, cut)
