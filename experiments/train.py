@@ -41,9 +41,15 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
   except distributed.DistributedError as e:
     fail(str(e))
+  from multimodal import preemption
+  with distributed.leave_at_once_on_error(keep_exit_codes=(preemption.PREEMPTED_EXIT_CODE,)):
+    _train_and_report()
+
+
+def _train_and_report() -> None:
   # Heavy imports after the flags: a typo in a key fails in a second.
   import jax
-  from multimodal import preemption, tasks, trainer, report
+  from multimodal import distributed, preemption, tasks, trainer, report
   config = cli.CONFIG.value
   workdir = distributed.agree(cli.WORKDIR.value or cli.default_workdir())
   main_process = jax.process_index() == 0

@@ -24,9 +24,12 @@ process wait before they stop with an error instead of hanging.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import sys
+import traceback
 from collections.abc import Mapping
 
 COORDINATOR = "MM_COORDINATOR"
@@ -196,6 +199,45 @@ def initialize(env: Mapping[str, str] | None = None) -> Plan:
           f"(jax.distributed via {chosen.how}).", flush=True)
   _initialized = chosen
   return chosen
+
+
+@contextlib.contextmanager
+def leave_at_once_on_error(keep_exit_codes: tuple[int, ...] = ()):
+  """Ends this process at once when the body fails, if it is one of several.
+
+  A process that leaves through an exception or a non-zero exit normally runs
+  jax.distributed's shutdown, a barrier that waits minutes for the processes
+  still running, while they wait at their next collective for this one: an
+  error in one process (its disk, its data) would hang the whole job. Instead
+  it prints the error and calls os._exit, so the launcher (or the others'
+  heartbeat) sees it gone and stops the rest. `keep_exit_codes` exit through
+  the barrier as usual: codes every process reaches together, such as a
+  preemption's after its joint checkpoint.
+  """
+  try:
+    yield
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if not _several_processes() or code == 0 or code in keep_exit_codes:
+      raise
+    if not isinstance(e.code, int):
+      print(e.code, file=sys.stderr)
+    _exit_now(code)
+  except BaseException:  # noqa: BLE001 -- any error, reported in full.
+    if not _several_processes():
+      raise
+    traceback.print_exc()
+    _exit_now(1)
+
+
+def _several_processes() -> bool:
+  return _initialized is not None and _initialized.distributed
+
+
+def _exit_now(code: int) -> None:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def agree(text: str, max_bytes: int = 4096) -> str:

@@ -199,3 +199,43 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_a_killed_process_sto
   assert f"Resuming from step {saved[0]} of" in text, text[-3000:]
   assert procs[0].returncode != 0, text[-3000:]
   assert waited < 60, waited
+
+
+# Process 0 (the coordinator's host) fails alone; the other goes on to a
+# barrier of the coordination service (with a 5-minute timeout), as the
+# shutdown of jax.distributed does.
+_FAIL_ALONE = """
+from multimodal import distributed
+distributed.initialize()
+import jax
+with distributed.leave_at_once_on_error():
+  if jax.process_index() == 0:
+    raise RuntimeError("process 0 cannot read its disk")
+  jax._src.distributed.global_state.client.wait_at_barrier("after the failure", 300_000)
+"""
+
+
+@pytest.mark.slow
+def test_an_error_in_one_process_ends_it_at_once_and_the_other_stops(tmp_path):
+  """Without `leave_at_once_on_error` the failing process would wait in
+  jax.distributed's shutdown barrier for the other, which waits at its own
+  barrier for the failing one: the job hangs for the barriers' timeouts
+  (minutes; this test's is 150 s)."""
+  from experiments import launcher
+  port = launcher.free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _FAIL_ALONE], cwd=ROOT, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env={**_env(1), **launcher.local_env(i, 2, port, 1), "MM_HEARTBEAT_TIMEOUT": "10"})
+      for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=150) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  failed_err = outputs[0][1]
+  assert procs[0].returncode == 1, failed_err[-3000:]
+  assert "RuntimeError: process 0 cannot read its disk" in failed_err
+  assert procs[1].returncode != 0, outputs[1][1][-3000:]

@@ -218,6 +218,39 @@ def test_tfds_build_load_and_reuse(tmp_path):
                    for p in tmp_path.rglob("*") if p.is_file()}
 
 
+def test_processes_preparing_the_same_world_at_once_all_get_it(tmp_path):
+  """What the processes of a multi-process job do on a fresh data_dir: they
+  call prepare at the same moment (each, once imported, says it is ready and
+  waits for a start file), and all of them get the one dataset, generated once."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  go = tmp_path / "go"
+  script = (
+      "import os, sys, time\n"
+      "from multimodal.data import shapes_builder\n"
+      f"open(os.path.join({str(tmp_path)!r}, 'ready_' + sys.argv[1]), 'w').close()\n"
+      f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+      f"b = shapes_builder.prepare({str(tmp_path / 'tfds')!r}, image_size=32, "
+      "train_examples=1500, eval_examples=50)\n"
+      "print(b.info.splits['train'].num_examples)\n")
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for i in range(3)]
+  deadline = time.time() + 300
+  while len(list(tmp_path.glob("ready_*"))) < len(procs):
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  go.touch()
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == "1500"
+  # Generated once: the others found it ready when the lock let them in.
+  assert sum("shapes_world: prepared" in out for out, _ in outputs) == 1
+
+
 def test_unprepared_config_by_name(tmp_path):
   import tensorflow_datasets as tfds
   from multimodal.data import shapes_builder

@@ -9,6 +9,8 @@ parameters spelled in the config-name format, not only the default config.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
@@ -132,20 +134,42 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
       yield index, example
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+  """Holds an exclusive lock on `lock_path` (created if missing) while inside."""
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  with open(lock_path, "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare(data_dir: str | None = None, *, image_size: int = 64,
             train_examples: int = 50_000, eval_examples: int = 2_000,
             seed: int = 0) -> tfds.core.DatasetBuilder:
-  """The builder for these parameters, generating the data only if needed."""
+  """The builder for these parameters, generating the data only if needed.
+
+  Safe to call from several processes at once (the processes of a multi-process
+  job on a fresh data_dir): one generates while the others wait for it, since
+  two concurrent generations collide when TFDS renames its output into place.
+  """
   data_dir = os.path.expanduser(
       data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
   config = ShapesWorldConfig(image_size, train_examples, eval_examples, seed)
   builder = ShapesWorld(config=config, data_dir=data_dir)
-  if not builder.is_prepared():
-    print(f"shapes_world: preparing {config.name} in {builder.data_dir} ...",
-          flush=True)
-    start = time.time()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
-    print(f"shapes_world: prepared {config.name} in "
-          f"{time.time() - start:.1f} s.", flush=True)
+  if builder.is_prepared():
+    return builder
+  with _exclusive(os.path.join(data_dir, "shapes_world", f".{config.name}.lock")):
+    # Another process may have generated it while this one waited.
+    builder = ShapesWorld(config=config, data_dir=data_dir)
+    if not builder.is_prepared():
+      print(f"shapes_world: preparing {config.name} in {builder.data_dir} ...",
+            flush=True)
+      start = time.time()
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
+      print(f"shapes_world: prepared {config.name} in "
+            f"{time.time() - start:.1f} s.", flush=True)
   return builder
