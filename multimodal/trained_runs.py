@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import ml_collections
+
 from multimodal import config_lib, trainer
 
 
@@ -19,6 +21,20 @@ def cache_workdir(config, cache_root: str, name: str) -> str:
   """`cache_root/name-<hash of the config>`: a changed config trains anew."""
   digest = hashlib.sha256(config_lib.to_json(config).encode()).hexdigest()[:12]
   return os.path.join(cache_root, f"{name}-{digest}")
+
+
+def _run_config(config_spec: str, *, data_dir: str | None, shapes_world: dict | None,
+                overrides: dict | None) -> ml_collections.ConfigDict:
+  """The config `ensure_trained` trains (see there for the arguments)."""
+  config = config_lib.load_config_file(config_spec)
+  with config.unlocked():
+    config.input.data_dir = data_dir
+    if shapes_world is not None:
+      config.input.shapes_world = dict(shapes_world)
+    for key, value in (overrides or {}).items():
+      config_lib.set_dotted(config, key, value)
+  config_lib.validate(config)
+  return config
 
 
 def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
@@ -32,14 +48,8 @@ def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
   tower).
   """
   from multimodal import tasks  # Deferred: tasks import this module.
-  config = config_lib.load_config_file(config_spec)
-  with config.unlocked():
-    config.input.data_dir = data_dir
-    if shapes_world is not None:
-      config.input.shapes_world = dict(shapes_world)
-    for key, value in (overrides or {}).items():
-      config_lib.set_dotted(config, key, value)
-  config_lib.validate(config)
+  config = _run_config(config_spec, data_dir=data_dir, shapes_world=shapes_world,
+                       overrides=overrides)
   name = os.path.splitext(os.path.basename(config_spec.partition(":")[0]))[0]
   workdir = cache_workdir(config, cache_root, name)
   if not os.path.exists(os.path.join(workdir, "results.json")):
@@ -58,6 +68,17 @@ def resolve(run, *, cache_root: str, data_dir: str | None, shapes_world: dict | 
     return run.workdir
   return ensure_trained(run.config, cache_root=cache_root, data_dir=data_dir,
                         shapes_world=shapes_world, overrides=overrides)
+
+
+def resolve_config(run, *, data_dir: str | None, shapes_world: dict | None,
+                   overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config of the run `resolve` names, without training it: what a
+  model built on that run needs to know of its architecture. (Training is
+  only needed for its weights, which a finished run's checkpoint holds.)"""
+  if run.get("workdir"):
+    return config_lib.load_workdir_config(run.workdir)
+  return _run_config(run.config, data_dir=data_dir, shapes_world=shapes_world,
+                     overrides=overrides)
 
 
 def eval_params(workdir: str) -> dict:

@@ -160,13 +160,13 @@ def test_vlm_images_must_fit_the_vision_run(tmp_path):
   from multimodal.tasks import vlm
   vision = clip_shapes.get_config("res=32")  # The vision run's saved config.
   task = object.__new__(vlm.VisionLanguageTask)
-  task.vision_workdir, task.image_size = str(tmp_path), 32
+  task.image_size = 32
   task.config = vlm_shapes.get_config("res=32")
   task._check_image_sizes(vision)
   task.config = vlm_shapes.get_config("res=36")
   with pytest.raises(config_lib.ConfigError, match=r"config.input.pp makes 36x36 images, "
                      r"not divisible by the 8x8 patch of model.image.variant='mu/8' of the "
-                     r"vision run \(config.model.vision\) in "):
+                     r"vision run \(config.model.vision\) of 'configs/clip_shapes.py'"):
     task._check_image_sizes(vision)
   task.config = vlm_shapes.get_config("res=64")
   with pytest.raises(config_lib.ConfigError, match=r"config.input.pp makes 64x64 images, but "

@@ -49,11 +49,16 @@ class VisionLanguageTask(base.Task):
     self.hf_lm = config.get("init", {}).get("from_hf")
     self.tokenizer = self._tokenizer()
     self.max_len = config.input.max_len
-    self.vision_workdir = None
+    self._vision_workdir = None
     image = None
     if not self.text_only:
-      self.vision_workdir = self._resolve(config.model.vision)
-      vision_config = config_lib.load_workdir_config(self.vision_workdir)
+      # The tower's architecture comes from the vision run's config, so that
+      # a finished run (whose checkpoint holds the tower) answers, captions
+      # and evaluates without that run at hand; only training resolves it,
+      # training it first if needed (`vision_workdir`).
+      vision_config = trained_runs.resolve_config(
+          config.model.vision, data_dir=config.input.get("data_dir"),
+          shapes_world=config.input.get("shapes_world"))
       image = vision_config.model.image.to_dict()
       self.image_size = vision_config.input.image_size
       self._check_image_sizes(vision_config)
@@ -77,13 +82,23 @@ class VisionLanguageTask(base.Task):
     found = config_checks.tower_patch(vision_config.model.image, "model.image")
     if found is None:
       return
-    where = f"the vision run (config.model.vision) in {self.vision_workdir!r}"
+    vision = self.config.model.vision
+    where = ("the vision run (config.model.vision) "
+             + (f"in {vision.workdir!r}" if vision.get("workdir") else f"of {vision.config!r}"))
     patch_key, patch = found
     config_checks.check_image_sizes(
         self.config, patch=patch, patch_key=f"{patch_key} of {where}",
         pp_keys=config_checks.image_pp_keys(self.config),
         image_size=self.image_size, image_size_key=f"input.image_size of {where}",
         same_size=vision_config.model.image.get("posemb", "learn") == "learn")
+
+  @property
+  def vision_workdir(self) -> str:
+    """The vision run, trained on first use (its weights start stage align,
+    its workdir names the earlier stages' runs)."""
+    if self._vision_workdir is None:
+      self._vision_workdir = self._resolve(self.config.model.vision)
+    return self._vision_workdir
 
   def _resolve(self, run_config, overrides=None) -> str:
     return trained_runs.resolve(
