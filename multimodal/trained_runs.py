@@ -70,15 +70,15 @@ def resolve(run, *, cache_root: str, data_dir: str | None, shapes_world: dict | 
                         shapes_world=shapes_world, overrides=overrides)
 
 
-def resolve_config(run, *, data_dir: str | None, shapes_world: dict | None,
-                   overrides: dict | None = None) -> ml_collections.ConfigDict:
+def resolve_config(run, *, data_dir: str | None,
+                   shapes_world: dict | None) -> ml_collections.ConfigDict:
   """The config of the run `resolve` names, without training it: what a
   model built on that run needs to know of its architecture. (Training is
   only needed for its weights, which a finished run's checkpoint holds.)"""
   if run.get("workdir"):
     return config_lib.load_workdir_config(run.workdir)
   return _run_config(run.config, data_dir=data_dir, shapes_world=shapes_world,
-                     overrides=overrides)
+                     overrides=None)
 
 
 def eval_params(workdir: str) -> dict:
