@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_WORLD
-from multimodal import config_lib, trainer
+from multimodal import config_lib, trained_runs, trainer
 from multimodal.tasks import dit as dit_task, text_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_text_tower_is_loaded_frozen_and_conditions_the_dit(data_dir, clip_workd
   config = text_dit_config(data_dir, clip_workdir)
   task = dit_task.DiffusionTask(config)
   assert task.model.text_dim == 128 and task.model.num_classes is None
-  clip_txt = text_encoder.FrozenTextEncoder(clip_workdir).weights()
+  clip_txt = text_encoder.FrozenTextEncoder.of_run(clip_workdir).weights()
   workdir = tmp_path / "dit_text"
   trainer.train(task, config, str(workdir))
   state = trainer.restore_latest(task, config, str(workdir), task_mesh(config))
@@ -74,6 +74,24 @@ def test_cross_attention_option_adds_per_block_text_attention(data_dir, clip_wor
       lambda x: x.value, task.init(jax.random.key(0)),
       is_leaf=lambda x: hasattr(x, "names")), task.random_draws(batch, rng), rng)
   assert np.isfinite(float(loss))
+
+
+def test_a_finished_run_does_not_need_its_text_encoder_run_at_hand(data_dir, monkeypatch):
+  """Sampling from a finished run builds its task: the encoder's architecture
+  and tokenizer come from the CLIP run's config, not from a trained run (its
+  weights are in the DiT's checkpoint). Only training asks for the run."""
+  config = text_dit_config(data_dir, None)
+  config.model.text_encoder.config = "configs/clip_shapes.py:res=32,text_variant=mu"
+  trained = []
+  monkeypatch.setattr(trained_runs, "ensure_trained",
+                      lambda spec, **kwargs: trained.append(spec) or "/cached/clip")
+  task = dit_task.DiffusionTask(config)
+  assert trained == []
+  want = config_lib.load_config_file(config.model.text_encoder.config)
+  assert task.text_encoder.config.model.text.to_dict() == want.model.text.to_dict()
+  assert task.condition_for_prompt("a red circle", 2).shape == (2, want.input.tokenizer.max_len)
+  assert task.text_encoder.workdir == "/cached/clip"
+  assert trained == [config.model.text_encoder.config]
 
 
 def test_text_conditioning_requires_the_encoder_frozen(data_dir, clip_workdir):

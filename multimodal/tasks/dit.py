@@ -101,12 +101,17 @@ class DiffusionTask(base.Task):
       raise config_lib.ConfigError(
           f"text conditioning needs the text encoder frozen: set "
           f"--config.freeze='{text_encoder.PARAMS_KEY}/.*' (it is {freeze!r}).")
-    workdir = trained_runs.resolve(
-        self.config.model.text_encoder,
-        cache_root=os.path.join(self.source.data_dir, "text_encoders"),
-        data_dir=self.config.input.get("data_dir"),
-        shapes_world=self.config.input.get("shapes_world"))
-    return text_encoder.FrozenTextEncoder(workdir)
+    run = self.config.model.text_encoder
+    data = dict(data_dir=self.config.input.get("data_dir"),
+                shapes_world=self.config.input.get("shapes_world"))
+    # The encoder's architecture and tokenizer come from the run's config;
+    # its run is resolved (trained on first use) only when training reads
+    # its weights: a finished run holds them in its own checkpoint.
+    return text_encoder.FrozenTextEncoder(
+        trained_runs.resolve_config(run, **data),
+        lambda: trained_runs.resolve(
+            run, cache_root=os.path.join(self.source.data_dir, "text_encoders"), **data),
+        name=repr(run.workdir) if run.get("workdir") else f"of {run.config!r}")
 
   def _import_diffusers_dit(self):
     """(kwargs, params) of `config.init.from_diffusers`, checked against

@@ -9,6 +9,9 @@ encodes tokens into what the DiT reads: the pooled contrastive embedding
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,13 +25,20 @@ PARAMS_KEY = "text_encoder"
 class FrozenTextEncoder:
   """`encoder(params, tokens) -> (pooled [B, out_dim], tokens [B, L, width], mask [B, L])`."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, config, locate_run: Callable[[], str], *, name: str):
+    """config: the CLIP run's config, which gives the tower's architecture and
+    tokenizer; locate_run() -> its workdir, called only when its weights are
+    read (which may train a cached run first); name: the run, for errors.
+
+    A finished text-conditioned run holds the tower's weights in its own
+    checkpoint, so sampling from it needs only the config.
+    """
     from multimodal.tasks import clip  # Deferred: a task module imports this one.
-    self.workdir = workdir
-    self.config = config_lib.load_workdir_config(workdir)
+    self._locate_run = locate_run
+    self.config = config
     if self.config.task != "clip":
       raise config_lib.ConfigError(
-          f"the text encoder run {workdir} is a '{self.config.task}' run; it must "
+          f"the text encoder run {name} is a '{self.config.task}' run; it must "
           "be a CLIP or SigLIP run (task 'clip'), e.g. configs/clip_shapes.py.")
     self.clip_task = clip.ContrastiveTask(self.config)
     self.tokenizer = self.clip_task.tokenizer
@@ -37,6 +47,15 @@ class FrozenTextEncoder:
                                         self.clip_task.model.out_dim)
     self.out_dim = self.clip_task.model.out_dim
     self.width = self.module._config()["width"]
+
+  @classmethod
+  def of_run(cls, workdir: str) -> "FrozenTextEncoder":
+    """The text tower of the finished run in `workdir`."""
+    return cls(config_lib.load_workdir_config(workdir), lambda: workdir, name=workdir)
+
+  @functools.cached_property
+  def workdir(self) -> str:
+    return self._locate_run()
 
   def init(self, rng):
     """Boxed params of the tower's shapes (real values come from `weights`)."""
