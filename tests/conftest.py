@@ -31,6 +31,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 # `./launch.sh test` runs the suite on 2 pytest-xdist workers with --dist
@@ -42,6 +44,20 @@ TRAINED_CLIP_GROUP = "trained_clip"
 # A shapes world small enough to build in seconds, shared by every test that
 # trains or evaluates.
 TINY_WORLD = dict(image_size=32, train_examples=2_000, eval_examples=200, seed=0)
+
+
+@contextlib.contextmanager
+def killed_on_exit(procs):
+  """Yields `procs` (subprocess.Popen) and kills, then reaps, any still
+  running when the block ends: a failed assertion or a timeout in a test that
+  drives several processes leaves none of them behind."""
+  try:
+    yield procs
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import killed_on_exit
 from multimodal import checkpoint, fingerprint
 
 # Orbax's reader leaves coroutines behind when a file it reads is damaged.
@@ -470,16 +471,11 @@ def test_two_processes_reach_the_same_decision(mesh, tmp_path):
              TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=os.pathsep.join([os.path.dirname(tests),
                                          env.get("PYTHONPATH", "")]))
-  procs = [subprocess.Popen(
+  with killed_on_exit([subprocess.Popen(
       [sys.executable, str(worker), str(port), str(i), str(workdir), tests],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
+      for i in range(2)]) as procs:
     outs = [p.communicate(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
   results = []
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

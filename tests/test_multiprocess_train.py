@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_WORLD
+from conftest import ROOT, TINY_WORLD, killed_on_exit
 
 STEPS = 6
 # A learning rate that does not depend on total_steps (still warming up over
@@ -162,35 +162,23 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_a_killed_process_sto
   from multimodal import preemption
   workdir = tmp_path / "run"
   logs = [tmp_path / f"{i}.log" for i in range(2)]
-  procs = _start_two_processes(data_dir, workdir, logs)
-  try:
+  with killed_on_exit(_start_two_processes(data_dir, workdir, logs)) as procs:
     _wait_for(workdir / "checkpoints" / "2", procs, logs)
     procs[1].send_signal(signal.SIGTERM)
     for p in procs:
       p.wait(timeout=300)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
   texts = [log.read_text() for log in logs]
   assert [p.returncode for p in procs] == [preemption.PREEMPTED_EXIT_CODE] * 2, texts[0][-3000:]
   saved = [int(t.split("saved a checkpoint at step ")[1].split()[0]) for t in texts]
   assert saved[0] == saved[1] and (workdir / "checkpoints" / str(saved[0])).exists()
 
-  procs = _start_two_processes(data_dir, workdir, logs)
-  try:
+  with killed_on_exit(_start_two_processes(data_dir, workdir, logs)) as procs:
     # The next regular save (every 2 steps); the preempted step may be odd.
     _wait_for(workdir / "checkpoints" / str(saved[0] + 2 - saved[0] % 2), procs, logs)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     procs[0].wait(timeout=120)
     waited = time.monotonic() - killed_at
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
   text = logs[0].read_text()
   assert f"Resuming from step {saved[0]} of" in text, text[-3000:]
   assert procs[0].returncode != 0, text[-3000:]
@@ -219,18 +207,12 @@ def test_an_error_in_one_process_ends_it_at_once_and_the_other_stops(tmp_path):
   (minutes; this test's is 150 s)."""
   from experiments import launcher
   port = launcher.free_port()
-  procs = [subprocess.Popen(
+  with killed_on_exit([subprocess.Popen(
       [sys.executable, "-c", _FAIL_ALONE], cwd=ROOT, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       env={**_env(1), **launcher.local_env(i, 2, port, 1), "MM_HEARTBEAT_TIMEOUT": "10"})
-      for i in range(2)]
-  try:
+      for i in range(2)]) as procs:
     outputs = [p.communicate(timeout=150) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
   failed_err = outputs[0][1]
   assert procs[0].returncode == 1, failed_err[-3000:]
   assert "RuntimeError: process 0 cannot read its disk" in failed_err
