@@ -107,7 +107,8 @@ def get_config(arg=None):
 
   c.evals = config_dict.ConfigDict()
   if arg.stage != "lm":
-    eval_keys = '"image", "prompt", "answer", "question"'
+    # num_objects splits the accuracy by the objects in the scene.
+    eval_keys = '"image", "prompt", "answer", "question", "num_objects"'
     for split in ("test", "test_novel") if arg.stage == "tune" else ():
       c.evals[f"vqa_{split}"] = dict(
           type="vqa", split=split, max_new_tokens=4, batch_size=256,

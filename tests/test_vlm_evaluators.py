@@ -58,6 +58,20 @@ def test_accuracy_by_type():
                  "accuracy_yes_no": 0.0}
 
 
+def test_accuracy_by_object_count():
+  """A model that names whichever object it sees: right on the one-object
+  scene, right on one of the two questions about two-object scenes."""
+  questions = ["what colour is the star?", "what colour is the heart?",
+               "what colour is the star?", "how many objects are there?"]
+  out = vqa.accuracy_by_object_count(["red", "blue", "red", "two"],
+                                     ["red", "green", "red", "two"], questions, [1, 2, 2, 2])
+  assert out == {"accuracy_objects_1": 1.0, "accuracy_colour_objects_1": 1.0,
+                 "accuracy_objects_2": 2 / 3, "accuracy_colour_objects_2": 0.5,
+                 "accuracy_count_objects_2": 1.0}
+  assert vqa.accuracy_by_object_count(["a", "b"], ["a", "a"], None, [3, 3]) == {
+      "accuracy_objects_3": 0.5}
+
+
 def _vqa_batches(examples, batch_size=8):
   """Per-example first question, in padded batches like the eval pipeline's."""
   rows = [(e["questions"][0], e["answers"][0]) for e in examples]
@@ -88,6 +102,16 @@ def test_vqa_evaluator_oracle_and_constant(examples):
   kinds = {vqa.question_type(e["questions"][0]) for e in examples[:21]}
   assert set(out) == {"accuracy"} | {f"accuracy_{k}" for k in kinds}
   assert all(v == 1.0 for v in out.values())
+
+  # With the scenes' object counts (padding rows hold garbage counts).
+  counts = [len(e["objects"]) for e in examples[:21]] + [9] * 3
+  counted = [{**b, "num_objects": np.array(counts[8 * i:8 * i + 8])}
+             for i, b in enumerate(batches)]
+  out = vqa.VQAAccuracy("vqa", lambda: counted, oracle).run(None)
+  want = {f"accuracy_objects_{n}" for n in counts[:21]} | {
+      f"accuracy_{vqa.question_type(e['questions'][0])}_objects_{len(e['objects'])}"
+      for e in examples[:21]}
+  assert set(out) - set(evaluator.run(None)) == want and len(want) > 3
 
   answers = [e["answers"][0] for e in examples[:21]]
   out = vqa.VQAAccuracy("vqa", lambda: batches,

@@ -83,6 +83,27 @@ def accuracy_by_type(predictions: Sequence[str], answers: Sequence[str],
   return out
 
 
+def accuracy_by_object_count(predictions: Sequence[str], answers: Sequence[str],
+                             questions: Sequence[str] | None,
+                             num_objects: Sequence[int]) -> dict[str, float]:
+  """{"accuracy_objects_<n>": ...}, and with questions also
+  {"accuracy_<type>_objects_<n>": ...}, for each object count n that occurs.
+
+  On scenes of several objects a question names one of them; a model that
+  answers about whichever object it sees, not the one named, scores about
+  1/n on its type at n objects while it is perfect on one-object scenes.
+  """
+  out = {}
+  for n in sorted(set(num_objects)):
+    rows = [i for i, m in enumerate(num_objects) if m == n]
+    pick = lambda values: [values[i] for i in rows]
+    out[f"accuracy_objects_{n}"] = vqa_accuracy(pick(predictions), pick(answers))
+    if questions is not None:
+      out.update({f"{k}_objects_{n}": v for k, v in accuracy_by_type(
+          pick(predictions), pick(answers), pick(questions)).items()})
+  return out
+
+
 def real_rows(batch: dict, values, what: str) -> list:
   """The entries of `values` (one per batch row) on rows where _mask is True.
 
@@ -107,25 +128,31 @@ class VQAAccuracy:
     image: whatever `answer_fn` needs, e.g. [B, H, W, 3].
     question: [B] bytes/str, the question asked of each row (optional: needed
       only for the per-type split; `answer_fn` presumably reads it too).
+    num_objects: [B] int, the objects in each row's image (optional: splits
+      the accuracy by object count, see accuracy_by_object_count).
     answer: [B] bytes/str, the reference answer of each row.
     _mask: [B] bool, False on padding rows.
   `answer_fn(params, batch)` returns one answer string per row, padding rows
   included (theirs are ignored). Single process only: the string columns are
   per-process numpy rows, matched to the mask row for row.
 
-  Returns {"accuracy", "accuracy_<type>" for each question type present}.
+  Returns {"accuracy", "accuracy_<type>" for each question type present},
+  and the split by object count when the batches carry num_objects.
   """
   name: str
   batches: Callable[[], Iterable[dict]]
   answer_fn: Callable  # (params, batch) -> list[str], one per row.
 
   def run(self, params) -> dict:
-    predictions, answers, questions = [], [], []
+    predictions, answers, questions, num_objects = [], [], [], []
     for batch in self.batches():
       predictions += real_rows(batch, self.answer_fn(params, batch), "answer_fn")
       answers += real_rows(batch, batch["answer"], "answer")
       if "question" in batch:
         questions += real_rows(batch, batch["question"], "question")
+      if "num_objects" in batch:
+        num_objects += real_rows(batch, common.to_host(batch["num_objects"]).tolist(),
+                                 "num_objects")
     if not answers:
       raise ValueError("the evaluation split yielded no examples.")
     predictions = [to_str(p) for p in predictions]
@@ -133,4 +160,8 @@ class VQAAccuracy:
     out = {"accuracy": vqa_accuracy(predictions, answers)}
     if len(questions) == len(answers):
       out.update(accuracy_by_type(predictions, answers, questions))
+    if len(num_objects) == len(answers):
+      out.update(accuracy_by_object_count(
+          predictions, answers, questions if len(questions) == len(answers) else None,
+          num_objects))
     return out
