@@ -306,9 +306,11 @@ def _vlm_forward(config, batch_size: int) -> int:
     lm_width = decoder.Decoder(**lm)._config()["width"]
     num_image = vit_num_tokens(image, size)
     per_example += vit_flops(image, size)
-    # The projector's first layer: Dense_0, or Conv_0 (3x3 taps per token).
+    # The projector's first layer: Dense_0, or Conv_0 (3x3 taps per token),
+    # over the chosen layer's features, and the stem's beside them if asked.
     taps = 9 if config.model.projector == "conv" else 1
-    per_example += dense_flops(num_image, taps * vision_width, lm_width)
+    features = vision_width * (2 if config.model.get("stem_features") else 1)
+    per_example += dense_flops(num_image, taps * features, lm_width)
     if config.model.projector in ("mlp", "conv"):
       per_example += dense_flops(num_image, lm_width, lm_width)  # Projector Dense_1
     length += num_image

@@ -222,17 +222,19 @@ def test_dit_config_matches_jaxpr(arg):
   assert traced == flops.forward_flops(config, b)
 
 
-@pytest.mark.parametrize("stage,projector", [("tune", "conv"), ("tune", "mlp"),
-                                              ("tune", "linear"), ("lm", "conv")])
-def test_vlm_config_matches_jaxpr(stage, projector):
-  config = vlm_shapes.get_config(f"stage={stage},projector={projector}")
+@pytest.mark.parametrize("arg", ["stage=tune,projector=conv", "stage=tune,projector=mlp",
+                                 "stage=tune,projector=linear", "stage=lm,projector=conv",
+                                 "stage=tune,stem_features=True"])
+def test_vlm_config_matches_jaxpr(arg):
+  config = vlm_shapes.get_config(arg)
+  stage = config.stage
   vision = clip_shapes.get_config()  # config.model.vision.config's run.
   b, size = config.input.batch_size, vision.input.image_size
   model = vlm.VisionLanguageModel(
       image=None if stage == "lm" else vision.model.image.to_dict(),
       lm={**config.model.lm.to_dict(), "vocab_size": config.input.tokenizer.vocab_size},
       projector_type=config.model.projector, vision_layer=config.model.vision_layer,
-      causal=config.model.causal)
+      stem_features=config.model.stem_features, causal=config.model.causal)
   images = None if stage == "lm" else jnp.zeros((b, size, size, 3))
   text_ids = jnp.zeros((b, config.input.max_len), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text_ids[:, :-1],

@@ -132,6 +132,46 @@ def test_conv_projector_against_numpy():
     projector.apply({"params": params}, tokens[:, :12])
 
 
+def test_stem_features_sit_beside_the_final_ones():
+  """stem_features=True: the projector reads [tokens entering the first
+  block, final tokens]. With the stem half of its first kernel zeroed it is
+  the model without them; the stem half alone sees the ViT's patch
+  embedding plus position embedding, before any attention."""
+  from configs import clip_shapes
+  image = clip_shapes.get_config("res=32").model.image.to_dict()
+  lm = dict(variant="mu", vocab_size=32)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  with_stem = vlm_model.VisionLanguageModel(image=image, lm=lm, stem_features=True)
+  without = vlm_model.VisionLanguageModel(image=image, lm=lm)
+  tokens = jnp.zeros((2, 4), jnp.int32)
+  params = nn.unbox(with_stem.init(jax.random.key(0), images, tokens, tokens,
+                                   jnp.ones_like(tokens))["params"])
+  kernel = params["projector"]["Dense_0"]["kernel"]
+  width = kernel.shape[0] // 2
+  assert kernel.shape[0] == 2 * without.bind({"params": params}).img._config()["width"]
+
+  def embed(model, kernel):
+    p = {**params, "projector": {**params["projector"],
+                                 "Dense_0": {**params["projector"]["Dense_0"], "kernel": kernel}}}
+    return np.asarray(model.apply({"params": p}, images, method="embed_image"))
+  np.testing.assert_allclose(embed(with_stem, kernel.at[:width].set(0)),
+                             embed(without, kernel[width:]), rtol=1e-5, atol=1e-5)
+
+  from multimodal.models.vit import ConvStem
+  _, aux = with_stem.bind({"params": params}).img(images)
+  stem = ConvStem(width, (8, 8)).apply({"params": params["img"]["conv_stem"]}, images)
+  np.testing.assert_allclose(aux["embedded"], stem.reshape(2, -1, width)
+                             + params["img"]["pos_embedding"], rtol=1e-5, atol=1e-5)
+  stem_only = embed(with_stem, kernel.at[width:].set(0))
+  dense_0 = params["projector"]["Dense_0"]
+  hidden = np.asarray(aux["embedded"]) @ np.asarray(kernel[:width]) + np.asarray(dense_0["bias"])
+  dense_1 = params["projector"]["Dense_1"]
+  want = (np.asarray(jax.nn.gelu(hidden, approximate=False)) @ np.asarray(dense_1["kernel"])
+          + np.asarray(dense_1["bias"]))
+  np.testing.assert_allclose(stem_only, want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(aux["embedded"], aux["encoded"], atol=1e-2)
+
+
 def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   """Stage align starts from the CLIP run's vision tower and the lm stage's
   LM (both trained on first use), freezes both: after training they are

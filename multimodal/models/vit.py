@@ -134,6 +134,9 @@ class ViT(nn.Module):
     if self.pre_norm:
       x = layers.layer_norm("norm_pre", self.dtype, self.norm_eps)(x)
     x = nn.with_logical_constraint(x, layers.RESIDUAL)
+    # The tokens entering the first block: the stem's local features with
+    # their positions, before attention mixes them (a VLM may tap these).
+    aux["embedded"] = x[:, x.shape[1] - num_patches:]
     x = nn.Dropout(self.dropout)(x, not train)
 
     x, blocks = layers.Encoder(

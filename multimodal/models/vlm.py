@@ -79,6 +79,12 @@ class VisionLanguageModel(nn.Module):
   # Which ViT layer feeds the projector: -1 the final (normed) tokens, -2 the
   # penultimate block's output (LLaVA's choice), ...
   vision_layer: int = -1
+  # Also feed the projector the tokens entering the tower's first block (its
+  # stem's local features plus position embeddings), concatenated to the
+  # chosen layer's: a small contrastive tower pools shape away from the
+  # tokens of one object, and its stem keeps it (README, "Vision-language
+  # model").
+  stem_features: bool = False
   causal: bool = False
   dtype: Any = jnp.float32
 
@@ -100,6 +106,8 @@ class VisionLanguageModel(nn.Module):
     else:
       blocks = aux["blocks"]
       features = blocks[sorted(blocks)[self.vision_layer]]
+    if self.stem_features:
+      features = jnp.concatenate([aux["embedded"], features], axis=-1)
     return self.projector(features)
 
   def embed_prefix(self, images, tokens):

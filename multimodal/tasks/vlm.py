@@ -72,7 +72,8 @@ class VisionLanguageTask(base.Task):
     self.model = vlm.VisionLanguageModel(
         image=image, lm={**self.lm_kwargs, "remat": self.remat},
         projector_type=config.model.projector,
-        vision_layer=config.model.vision_layer, causal=config.model.causal,
+        vision_layer=config.model.vision_layer,
+        stem_features=config.model.get("stem_features", False), causal=config.model.causal,
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     self.decoder = decoder.Decoder(**self.lm_kwargs)
 
