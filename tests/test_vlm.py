@@ -20,6 +20,7 @@ from multimodal import config_lib, optim, trained_runs, trainer
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
 from multimodal.models import vlm as vlm_model
+from multimodal.models.vit import ConvStem
 from multimodal.tasks import vlm
 
 
@@ -157,7 +158,6 @@ def test_stem_features_sit_beside_the_final_ones():
   np.testing.assert_allclose(embed(with_stem, kernel.at[:width].set(0)),
                              embed(without, kernel[width:]), rtol=1e-5, atol=1e-5)
 
-  from multimodal.models.vit import ConvStem
   _, aux = with_stem.bind({"params": params}).img(images)
   stem = ConvStem(width, (8, 8)).apply({"params": params["img"]["conv_stem"]}, images)
   np.testing.assert_allclose(aux["embedded"], stem.reshape(2, -1, width)
