@@ -81,6 +81,11 @@ def resolve_config(run, *, data_dir: str | None,
                      overrides=None)
 
 
+def describe(run) -> str:
+  """A run reference for messages: "in '<workdir>'" or "of '<config spec>'"."""
+  return f"in {run.workdir!r}" if run.get("workdir") else f"of {run.config!r}"
+
+
 def eval_params(workdir: str) -> dict:
   """The eval params (EMA if kept) of a run's latest checkpoint, on host."""
   import jax

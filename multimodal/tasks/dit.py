@@ -111,7 +111,7 @@ class DiffusionTask(base.Task):
         trained_runs.resolve_config(run, **data),
         lambda: trained_runs.resolve(
             run, cache_root=os.path.join(self.source.data_dir, "text_encoders"), **data),
-        name=repr(run.workdir) if run.get("workdir") else f"of {run.config!r}")
+        name=trained_runs.describe(run))
 
   def _import_diffusers_dit(self):
     """(kwargs, params) of `config.init.from_diffusers`, checked against

@@ -28,7 +28,8 @@ class FrozenTextEncoder:
   def __init__(self, config, locate_run: Callable[[], str], *, name: str):
     """config: the CLIP run's config, which gives the tower's architecture and
     tokenizer; locate_run() -> its workdir, called only when its weights are
-    read (which may train a cached run first); name: the run, for errors.
+    read (which may train a cached run first); name: the run for errors,
+    e.g. "in '<workdir>'" (trained_runs.describe).
 
     A finished text-conditioned run holds the tower's weights in its own
     checkpoint, so sampling from it needs only the config.
@@ -51,7 +52,7 @@ class FrozenTextEncoder:
   @classmethod
   def of_run(cls, workdir: str) -> "FrozenTextEncoder":
     """The text tower of the finished run in `workdir`."""
-    return cls(config_lib.load_workdir_config(workdir), lambda: workdir, name=workdir)
+    return cls(config_lib.load_workdir_config(workdir), lambda: workdir, name=f"in {workdir!r}")
 
   @functools.cached_property
   def workdir(self) -> str:

@@ -84,8 +84,7 @@ class VisionLanguageTask(base.Task):
     if found is None:
       return
     vision = self.config.model.vision
-    where = ("the vision run (config.model.vision) "
-             + (f"in {vision.workdir!r}" if vision.get("workdir") else f"of {vision.config!r}"))
+    where = f"the vision run (config.model.vision) {trained_runs.describe(vision)}"
     patch_key, patch = found
     config_checks.check_image_sizes(
         self.config, patch=patch, patch_key=f"{patch_key} of {where}",
