@@ -60,6 +60,17 @@ def killed_on_exit(procs):
         p.wait()
 
 
+@pytest.fixture
+def trainings_asked(monkeypatch):
+  """The config specs that trained_runs.ensure_trained is asked to train, in
+  order; it trains nothing and answers "/cached/clip"."""
+  from multimodal import trained_runs
+  asked = []
+  monkeypatch.setattr(trained_runs, "ensure_trained",
+                      lambda spec, **kwargs: asked.append(spec) or "/cached/clip")
+  return asked
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_WORLD
-from multimodal import config_lib, trained_runs, trainer
+from multimodal import config_lib, trainer
 from multimodal.tasks import dit as dit_task, text_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,22 +76,19 @@ def test_cross_attention_option_adds_per_block_text_attention(data_dir, clip_wor
   assert np.isfinite(float(loss))
 
 
-def test_a_finished_run_does_not_need_its_text_encoder_run_at_hand(data_dir, monkeypatch):
+def test_a_finished_run_does_not_need_its_text_encoder_run_at_hand(data_dir, trainings_asked):
   """Sampling from a finished run builds its task: the encoder's architecture
   and tokenizer come from the CLIP run's config, not from a trained run (its
   weights are in the DiT's checkpoint). Only training asks for the run."""
   config = text_dit_config(data_dir, None)
   config.model.text_encoder.config = "configs/clip_shapes.py:res=32,text_variant=mu"
-  trained = []
-  monkeypatch.setattr(trained_runs, "ensure_trained",
-                      lambda spec, **kwargs: trained.append(spec) or "/cached/clip")
   task = dit_task.DiffusionTask(config)
-  assert trained == []
+  assert trainings_asked == []
   want = config_lib.load_config_file(config.model.text_encoder.config)
   assert task.text_encoder.config.model.text.to_dict() == want.model.text.to_dict()
   assert task.condition_for_prompt("a red circle", 2).shape == (2, want.input.tokenizer.max_len)
   assert task.text_encoder.workdir == "/cached/clip"
-  assert trained == [config.model.text_encoder.config]
+  assert trainings_asked == [config.model.text_encoder.config]
 
 
 def test_text_conditioning_requires_the_encoder_frozen(data_dir, clip_workdir):

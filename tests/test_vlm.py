@@ -194,21 +194,18 @@ def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   assert moved
 
 
-def test_a_finished_run_does_not_need_its_vision_run_at_hand(data_dir, monkeypatch):
+def test_a_finished_run_does_not_need_its_vision_run_at_hand(data_dir, trainings_asked):
   """ask, caption and eval build a finished run's task: the tower's
   architecture comes from the vision run's config, not from a trained run
   (its weights are in the VLM's checkpoint). Only training asks for the run."""
   config = vlm_config(data_dir, None, "tune", 3)
   config.model.vision.config = "configs/clip_shapes.py:res=32"
-  trained = []
-  monkeypatch.setattr(trained_runs, "ensure_trained",
-                      lambda spec, **kwargs: trained.append(spec) or "/cached/clip")
   task = vlm.VisionLanguageTask(config)
-  assert trained == []
+  assert trainings_asked == []
   want = config_lib.load_config_file("configs/clip_shapes.py:res=32").model.image.to_dict()
   assert {k: task.model.image[k] for k in want} == want and task.image_size == 32
   assert task.vision_workdir == "/cached/clip"
-  assert trained == ["configs/clip_shapes.py:res=32"]
+  assert trainings_asked == ["configs/clip_shapes.py:res=32"]
 
 
 @pytest.mark.slow
