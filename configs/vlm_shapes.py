@@ -3,6 +3,7 @@ r"""A small vision-language model on the shapes world, in LLaVA's stages.
   ./launch.sh run configs/vlm_shapes.py                # all stages (the others on first use)
   ./launch.sh run configs/vlm_shapes.py:stage=align    # one stage
   ./launch.sh run configs/vlm_shapes.py:projector=linear,causal=True
+  ./launch.sh run configs/vlm_shapes.py:questions=6       # an image's questions as one dialogue
   ./launch.sh run configs/vlm_shapes.py --config.init.from_hf=DIR   # a HF Llama as the LM
 
 stage=lm: the decoder learns the world's text; stage=align: only the
@@ -25,7 +26,7 @@ MAX_PROMPT_LEN = 16  # Questions and the caption prompt.
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, stage="tune", steps=0, batch=64, lm="mu",
                              projector="mlp", causal=False, vision_layer=-1,
-                             stem_features=False,
+                             stem_features=False, questions=1,
                              p_caption=0.3, lr=0.0, res=64)
   c = config_dict.ConfigDict()
   c.task = "vlm"
@@ -55,7 +56,9 @@ def get_config(arg=None):
   image_pp = f"decode|resize({res})|value_range(-1,1)"
   mode = {"lm": "mix", "align": "caption", "tune": "mix"}[arg.stage]
   p_caption = 0.5 if arg.stage == "lm" else arg.p_caption
-  text_pp = (f'|vlm_task(mode="{mode}", p_caption={p_caption})'
+  # questions > 1: that many of an image's questions in one text, a dialogue.
+  questions = f", questions={arg.questions}" if arg.stage == "tune" and arg.questions > 1 else ""
+  text_pp = (f'|vlm_task(mode="{mode}", p_caption={p_caption}{questions})'
              f"|vlm_text(max_len={MAX_LEN})")
   keys = '"text", "mask_ar", "mask_loss", "input_mask"'
   c.input.pp = (image_pp + text_pp + f'|keep("image", {keys})' if arg.stage != "lm"
@@ -75,7 +78,8 @@ def get_config(arg=None):
   # The earlier stages share this config's args (but stage, steps, lr) and
   # its model.vision (passed on by the task); the text-only lm stage only the
   # args it reads, so that one LM serves every vision setting.
-  same = ",".join(f"{k}={v}" for k, v in arg.items() if k not in ("stage", "steps", "lr"))
+  same = ",".join(f"{k}={v}" for k, v in arg.items()
+                  if k not in ("stage", "steps", "lr", "questions"))
   c.init.lm = dict(workdir=config_dict.placeholder(str),
                    config=f"configs/vlm_shapes.py:stage=lm,lm={arg.lm},batch={arg.batch}")
   c.init.run = dict(workdir=config_dict.placeholder(str),

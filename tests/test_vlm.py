@@ -62,6 +62,51 @@ def test_text_layout_and_masks(align_task):
   np.testing.assert_array_equal(out["input_mask"].numpy(), np.r_[np.ones(n), np.zeros(24 - n)])
 
 
+def test_dialogue_layout_later_turns_are_causal_and_left_out_when_they_do_not_fit(
+    align_task):
+  """1-D prompt and answer: q1 a1 EOS q2 a2 EOS ..., the first prompt the only
+  prefix, every answer and its EOS a target; a turn that does not fit whole
+  is left out."""
+  tok = align_task.tokenizer
+  turns = [("what colour is the circle?", "red"), ("is there a blue square?", "no"),
+           ("how many objects are there?", "two")]
+  ids = lambda s: [int(i) for i in tok.encode([s], 48)[0] if i > tok.eos_id]
+  (q1, a1), (q2, a2), (q3, a3) = [(ids(q), ids(a) + [tok.eos_id]) for q, a in turns]
+  two_turns = len(q1 + a1 + q2 + a2)
+  max_len = two_turns + len(q3 + a3) - 1  # The third turn misses by one token.
+  out = preprocess.build(f"vlm_text(max_len={max_len})", tokenizer=tok)(
+      {"prompt": tf.constant([q for q, _ in turns]),
+       "answer": tf.constant([a for _, a in turns])})
+  pad = max_len - two_turns
+  np.testing.assert_array_equal(out["text"].numpy(), q1 + a1 + q2 + a2 + [tok.pad_id] * pad)
+  np.testing.assert_array_equal(
+      out["mask_ar"].numpy(), [0] * len(q1) + [1] * len(a1 + q2 + a2) + [0] * pad)
+  np.testing.assert_array_equal(
+      out["mask_loss"].numpy(),
+      [0] * len(q1) + [1] * len(a1) + [0] * len(q2) + [1] * len(a2) + [0] * pad)
+  np.testing.assert_array_equal(out["input_mask"].numpy(), [1] * two_turns + [0] * pad)
+
+
+def test_vlm_task_asks_several_of_an_images_questions_or_its_caption():
+  example = {"questions": tf.constant([f"q{i}?" for i in range(5)]),
+             "answers": tf.constant([f"a{i}" for i in range(5)]),
+             "captions": tf.constant(["a red circle.", "one red circle."]),
+             preprocess.SEED_KEY: tf.constant([0, 7], tf.int64)}
+  asked = set()
+  for seed in range(20):
+    example[preprocess.SEED_KEY] = tf.constant([0, seed], tf.int64)
+    out = preprocess.build('vlm_task(mode="vqa", questions=3)')(example)
+    prompts = [p.decode() for p in out["prompt"].numpy()]
+    answers = [a.decode() for a in out["answer"].numpy()]
+    assert len(set(prompts)) == 3
+    assert answers == [f"a{p[1]}" for p in prompts]  # Each answer with its question.
+    asked.add(tuple(prompts))
+  assert len(asked) > 1  # The choice and order are random.
+  out = preprocess.build('vlm_task(mode="mix", p_caption=1.0, questions=3)')(example)
+  assert out["prompt"].numpy().tolist() == [b"caption"]
+  assert out["answer"].numpy()[0].decode() in ("a red circle.", "one red circle.")
+
+
 def test_image_and_prompt_are_prefix_answer_is_causal(align_task):
   """Two image tokens, a two-token prompt, a two-token answer, one pad."""
   model = align_task.model

@@ -487,19 +487,26 @@ def object_pair_label(first="shape", second="colour", num_second=8,
   return fn
 
 
-def vlm_task(mode="mix", p_caption=0.3, caption_prompt="caption",
+def vlm_task(mode="mix", p_caption=0.3, caption_prompt="caption", questions=1,
              outkey_prompt="prompt", outkey_answer="answer") -> Op:
-  """Picks a (prompt, answer) pair of strings for a vision-language model.
+  """Picks (prompt, answer) strings for a vision-language model.
 
   "caption": the prompt is `caption_prompt` and the answer one of the
   example's captions; "vqa": one of its (question, answer) pairs; "mix": a
   caption with probability p_caption, else a question. Random choices read
   _seed; in an eval stream (whose seed is (0, example index)) they are a
   fixed function of the example's index, so every eval sees the same pairs.
+
+  questions > 1 (modes "vqa" and "mix") asks up to that many of the example's
+  questions, in a random order, in one text: prompt and answer are then 1-D
+  [n] (a caption is one turn, [1]), the turns of a dialogue that vlm_text
+  lays out one after the other. One image then teaches several answers for
+  the price of one pass through the vision tower.
   """
   if mode not in ("mix", "caption", "vqa"):
     raise ValueError(f"mode must be 'mix', 'caption' or 'vqa', got {mode!r}")
   p_caption = _number("p_caption", p_caption)
+  questions = _int("questions", questions)
   _key("outkey_prompt", outkey_prompt)
   _key("outkey_answer", outkey_answer)
 
@@ -513,15 +520,25 @@ def vlm_task(mode="mix", p_caption=0.3, caption_prompt="caption",
     captions = _get(example, "captions")
     caption = captions[pick(captions, seeds[0])]
     if mode == "caption":
-      prompt, answer = tf.constant(caption_prompt), caption
+      return {**example, outkey_prompt: tf.constant(caption_prompt),
+              outkey_answer: caption}
+    all_questions, all_answers = _get(example, "questions"), _get(example, "answers")
+    if questions == 1:
+      i = pick(all_questions, seeds[1])
+      prompt, answer = all_questions[i], all_answers[i]
     else:
-      questions, answers = _get(example, "questions"), _get(example, "answers")
-      i = pick(questions, seeds[1])
-      prompt, answer = questions[i], answers[i]
-      if mode == "mix":
-        use_caption = tf.random.stateless_uniform([], seeds[2]) < p_caption
+      order = tf.argsort(tf.random.stateless_uniform(tf.shape(all_questions), seeds[1]))
+      order = order[:questions]
+      prompt, answer = tf.gather(all_questions, order), tf.gather(all_answers, order)
+    if mode == "mix":
+      use_caption = tf.random.stateless_uniform([], seeds[2]) < p_caption
+      if questions == 1:
         prompt = tf.where(use_caption, tf.constant(caption_prompt), prompt)
         answer = tf.where(use_caption, caption, answer)
+      else:
+        prompt, answer = tf.cond(
+            use_caption, lambda: (tf.constant([caption_prompt]), caption[None]),
+            lambda: (prompt, answer))
     return {**example, outkey_prompt: prompt, outkey_answer: answer}
   return fn
 
@@ -534,49 +551,70 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
   answer is cut so that EOS always fits; the prompt keeps its tokens. In a
   training stream, cut texts are counted (TRUNCATED_TEXTS) and an empty
   answer fails, so that the pipeline skips the record.
+
+  1-D prompt and answer (vlm_task's `questions` > 1) are the turns of a
+  dialogue: the first laid out as above, each later one after it as prompt
+  + answer + EOS, causal, its answer and EOS targets. Later turns that do
+  not fit whole are left out (not counted as cut).
   """
   max_len = _int("max_len", max_len, minimum=2)
   _key("prompt_key", prompt_key)
   _key("answer_key", answer_key)
 
-  def ids_of(prompt, answer):
-    """The prompt's and the answer's ids, without EOS (nor, for a tokenizer
-    that starts sequences with BOS, Llama's, the answer's BOS: it continues
-    the prompt's sequence). One call, and one position more than the layout
-    has: a text with max_len or more ids still shows that it does not fit."""
-    rows = tokenizer.encode([_as_str(prompt), _as_str(answer)], max_len + 1)
-    p_ids, a_ids = (row[:np.argmax(row == tokenizer.eos_id)] for row in rows)
+  def ids_of(prompts, answers):
+    """Each turn's (prompt ids, answer ids), without EOS (nor, for a
+    tokenizer that starts sequences with BOS, Llama's, the BOS of anything
+    but the first prompt: the rest continue its sequence). One call, and one
+    position more than the layout has: a text with max_len or more ids still
+    shows that it does not fit."""
+    prompts, answers = np.atleast_1d(prompts), np.atleast_1d(answers)
+    texts = [_as_str(t) for pair in zip(prompts, answers) for t in pair]
+    rows = tokenizer.encode(texts, max_len + 1)
+    ids = [row[:np.argmax(row == tokenizer.eos_id)] for row in rows]
     bos_id = getattr(tokenizer, "bos_id", None)
-    if bos_id is not None and len(a_ids) and a_ids[0] == bos_id:
-      a_ids = a_ids[1:]
-    return p_ids, a_ids
+    if bos_id is not None:
+      ids[1:] = [row[1:] if len(row) and row[0] == bos_id else row for row in ids[1:]]
+    return list(zip(ids[0::2], ids[1::2]))
 
-  def layout(p_ids, a_ids):
+  def layout(turns):
+    (p_ids, a_ids), later = turns[0], turns[1:]
     p_ids = p_ids[:max_len - 1]
-    a_ids = np.concatenate([a_ids[:max_len - len(p_ids) - 1], [tokenizer.eos_id]])
-    ids = np.concatenate([p_ids, a_ids]).astype(np.int32)
-    n = len(ids)
+    a_ids = a_ids[:max_len - len(p_ids) - 1]
+    # (ids, mask_ar, mask_loss) segments; EOS ends every answer.
+    segments = [(p_ids, 0, 0), (np.append(a_ids, tokenizer.eos_id), 1, 1)]
+    n = len(p_ids) + len(a_ids) + 1
+    for p_ids, a_ids in later:
+      if n + len(p_ids) + len(a_ids) + 1 <= max_len:
+        segments += [(p_ids, 1, 0), (np.append(a_ids, tokenizer.eos_id), 1, 1)]
+        n += len(p_ids) + len(a_ids) + 1
     out = np.full((4, max_len), 0, np.int32)
-    out[0, :n] = ids
     out[0, n:] = tokenizer.pad_id
-    out[1, len(p_ids):n] = 1  # mask_ar
-    out[2, len(p_ids):n] = 1  # mask_loss
     out[3, :n] = 1  # input_mask
+    start = 0
+    for ids, ar, loss in segments:
+      end = start + len(ids)
+      out[0, start:end] = ids
+      out[1, start:end] = ar  # mask_ar
+      out[2, start:end] = loss  # mask_loss
+      start = end
     return out
 
-  def layout_and_flags(prompt, answer):
-    """layout, whether it cut a text to fit, whether the answer is empty."""
-    p_ids, a_ids = ids_of(prompt, answer)
+  def layout_and_flags(prompts, answers):
+    """layout, whether it cut the first turn to fit, whether an answer is
+    empty."""
+    turns = ids_of(prompts, answers)
+    (p_ids, a_ids) = turns[0]
     kept_prompt = min(len(p_ids), max_len - 1)
     cut = len(p_ids) > kept_prompt or len(a_ids) > max_len - kept_prompt - 1
-    return layout(p_ids, a_ids), np.bool_(cut), np.bool_(not _as_str(answer).strip())
+    empty = any(not _as_str(a).strip() for a in np.atleast_1d(answers))
+    return layout(turns), np.bool_(cut), np.bool_(empty)
 
   def fn(example):
     if tokenizer is None:
       raise PreprocessError("vlm_text needs build(spec, tokenizer=...)")
     texts = [_get(example, prompt_key), _get(example, answer_key)]
     if TRUNCATED_TEXTS not in example:
-      out = tf.numpy_function(lambda p, a: layout(*ids_of(p, a)), texts, tf.int32,
+      out = tf.numpy_function(lambda p, a: layout(ids_of(p, a)), texts, tf.int32,
                               stateful=False)
     else:
       out, cut, empty = tf.numpy_function(
