@@ -1,7 +1,8 @@
 """`./launch.sh eval`: evaluate a checkpoint.
 
-  ./launch.sh eval --workdir DIR
-      re-runs the run's own evaluators on its latest checkpoint.
+  ./launch.sh eval --workdir DIR [--split 'train[:2000]']
+      re-runs the run's own evaluators on its latest checkpoint (--split: each
+      on that split instead of its own, e.g. to compare train and test).
   ./launch.sh eval (--workdir DIR | --hf PATH) --benchmarks LIST [--tasks LIST]
       the zero-shot benchmark suite (multimodal/benchmarks): every dataset of
       LIST (comma-separated: TFDS names, folder:PATH, captions:PATH,
@@ -26,7 +27,8 @@ OUT = flags.DEFINE_string("out", None, "Where result files go (default: WORKDIR/
                           "or benchmark_results/<model>).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
 SPLIT = flags.DEFINE_string("split", None, "Evaluate on this split instead of each "
-                            "dataset's test split (TFDS slicing works: 'train[:10000]').")
+                            "dataset's test split, or of each of the run's evaluators' "
+                            "own (TFDS slicing works: 'train[:10000]').")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: $TFDS_DATA_DIR).")
 CLASSNAMES = flags.DEFINE_string("classnames", None, "A file of class names (JSON list or "
                                  "one per line) replacing the dataset's own.")
@@ -36,9 +38,29 @@ CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache of text classifiers (d
                                 "$MULTIMODAL_CACHE or ~/.cache/multimodal).")
 
 
+def on_split(evals, split: str):
+  """The run's evaluators, each on `split` and named for it ("vqa_test" ->
+  "vqa_test@train[:2000]"), so that its metrics do not pass for its own
+  split's. Those that differed only in their split (vqa_test, vqa_test_novel)
+  become one."""
+  from ml_collections import config_dict
+  out = config_dict.ConfigDict()
+  for name, evaluator in evals.items():
+    evaluator = config_dict.ConfigDict(evaluator.to_dict())
+    if "split" in evaluator:
+      evaluator.split = split
+      name = f"{name}@{split}"
+    if all(evaluator.to_dict() != kept.to_dict() for kept in out.values()):
+      out[name] = evaluator
+  return out
+
+
 def run_own_evaluators(workdir: str) -> None:
   from multimodal import config_lib, report, tasks, trainer
   config = config_lib.load_workdir_config(workdir)
+  if SPLIT.value:
+    with config.unlocked():
+      config.evals = on_split(config.evals, SPLIT.value)
   task = tasks.get(config.task)(config)
   summary = trainer.evaluate(task, config, workdir)
   print(f"Results at step {summary['step']}, saved to {workdir}/eval_results.json:")

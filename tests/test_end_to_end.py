@@ -43,6 +43,17 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   for key in ("zero_shot_colour/acc1", "retrieval/text_to_image_recall@10"):
     assert again[key] == pytest.approx(results[key], abs=1e-6)
 
+  # --split: the same evaluators on training images, named for that split;
+  # zero_shot_colour and zero_shot_colour_novel become one.
+  on_train = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}",
+       "--split=train[:300]"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert on_train.returncode == 0, on_train.stderr[-3000:]
+  train = json.loads((workdir / "eval_results.json").read_text())["metrics"]
+  assert train["zero_shot_colour@train[:300]/acc1"] > 3 * chance, train
+  assert not any(key.startswith("zero_shot_colour_novel") for key in train), train
+  assert not any(key.startswith("zero_shot_colour/") for key in train), train
+
 
 @pytest.mark.slow
 def test_tiny_dit_generates_the_asked_for_class(data_dir, tmp_path):
