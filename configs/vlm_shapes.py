@@ -75,9 +75,10 @@ def get_config(arg=None):
   c.model.causal = arg.causal
   # Where each stage starts: the runs of the previous stages.
   c.init = config_dict.ConfigDict()
-  # The earlier stages share this config's args (but stage, steps, lr) and
-  # its model.vision (passed on by the task); the text-only lm stage only the
-  # args it reads, so that one LM serves every vision setting.
+  # The earlier stages share this config's args (but stage, steps, lr, and
+  # questions, which only stage tune reads) and its model.vision (passed on
+  # by the task); the text-only lm stage only the args it reads, so that one
+  # LM serves every vision setting.
   same = ",".join(f"{k}={v}" for k, v in arg.items()
                   if k not in ("stage", "steps", "lr", "questions"))
   c.init.lm = dict(workdir=config_dict.placeholder(str),

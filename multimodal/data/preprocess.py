@@ -603,7 +603,7 @@ def vlm_text(max_len, prompt_key="prompt", answer_key="answer", *, tokenizer=Non
     """layout, whether it cut the first turn to fit, whether an answer is
     empty."""
     turns = ids_of(prompts, answers)
-    (p_ids, a_ids) = turns[0]
+    p_ids, a_ids = turns[0]
     kept_prompt = min(len(p_ids), max_len - 1)
     cut = len(p_ids) > kept_prompt or len(a_ids) > max_len - kept_prompt - 1
     empty = any(not _as_str(a).strip() for a in np.atleast_1d(answers))
