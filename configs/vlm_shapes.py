@@ -26,7 +26,7 @@ MAX_PROMPT_LEN = 16  # Questions and the caption prompt.
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, stage="tune", steps=0, batch=64, lm="mu",
                              projector="mlp", causal=False, vision_layer=-1,
-                             stem_features=False, questions=1,
+                             stem_features=False, image_positions="sequence", questions=1,
                              p_caption=0.3, lr=0.0, res=64)
   c = config_dict.ConfigDict()
   c.task = "vlm"
@@ -72,6 +72,9 @@ def get_config(arg=None):
   c.model.projector = arg.projector
   c.model.vision_layer = arg.vision_layer
   c.model.stem_features = arg.stem_features
+  # "shared": every image token at RoPE position 0 (models/vlm.py); on the
+  # shapes world it lost position questions (README, "Vision-language model").
+  c.model.image_positions = arg.image_positions
   c.model.causal = arg.causal
   # Where each stage starts: the runs of the previous stages.
   c.init = config_dict.ConfigDict()

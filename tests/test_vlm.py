@@ -217,6 +217,53 @@ def test_stem_features_sit_beside_the_final_ones():
   assert not np.allclose(aux["embedded"], aux["encoded"], atol=1e-2)
 
 
+def test_image_positions_sequence_or_shared():
+  """RoPE positions of [2 image tokens; 3 text tokens, 1 pad]: in raster
+  order, or every image token at 0 and the text from 1; a pad repeats its
+  predecessor's position."""
+  from configs import clip_shapes
+  image = clip_shapes.get_config("res=32").model.image.to_dict()
+  full_input = jnp.array([[1, 1, 1, 1, 1, 0]])
+  got = {mode: vlm_model.VisionLanguageModel(
+      image=image, lm=dict(variant="mu", vocab_size=32), image_positions=mode).positions(
+          2, full_input).tolist() for mode in vlm_model.IMAGE_POSITIONS}
+  assert got == {"sequence": [[0, 1, 2, 3, 4, 4]], "shared": [[0, 0, 1, 2, 3, 3]]}
+
+
+@pytest.mark.parametrize("image_positions", vlm_model.IMAGE_POSITIONS)
+def test_cached_generation_equals_greedy_reruns_of_the_whole_model(image_positions):
+  """The task's jitted generation (prefill into a KV cache, then one token a
+  step) gives, for right-padded prompts of different lengths, the tokens of
+  re-running the uncached model on the growing text, each row alone."""
+  from configs import clip_shapes
+  image = clip_shapes.get_config("res=32").model.image.to_dict()
+  model = vlm_model.VisionLanguageModel(image=image, lm=dict(variant="mu", vocab_size=32),
+                                        image_positions=image_positions)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  prompt = jnp.array([[3, 4, 5, 0], [6, 7, 0, 0]], jnp.int32)
+  prompt_mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), images, prompt, prompt,
+                               prompt_mask)["params"])
+  task = object.__new__(vlm.VisionLanguageTask)  # Only its generation, no data.
+  task.model, task.decoder = model, decoder.Decoder(**model.lm)
+  task.tokenizer = type("Ids", (), {"eos_id": 31, "pad_id": 0})()
+  generated = np.asarray(task.generate_fn(5)(params, images, prompt, prompt_mask,
+                                             jax.random.key(0)))
+  for row in range(2):
+    text = list(np.asarray(prompt[row, :int(prompt_mask[row].sum())]))
+    prompt_len = len(text)
+    for _ in range(5):
+      mask_ar = jnp.array([[0] * prompt_len + [1] * (len(text) - prompt_len)])
+      tokens = jnp.array([text], jnp.int32)
+      logits = model.apply({"params": params}, images[row:row + 1], tokens, mask_ar,
+                           jnp.ones_like(tokens))
+      text.append(int(jnp.argmax(logits[0, -1])))
+    want = text[prompt_len:]
+    if 31 in want:  # After EOS a row emits pads.
+      want = want[:want.index(31) + 1] + [0] * (4 - want.index(31))
+    assert generated[row].tolist() == want
+
+
 def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   """Stage align starts from the CLIP run's vision tower and the lm stage's
   LM (both trained on first use), freezes both: after training they are

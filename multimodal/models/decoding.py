@@ -93,14 +93,21 @@ def prefix_positions(input_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(jnp.asarray(input_mask, jnp.int32), axis=1) - 1, 0)
 
 
+def next_positions(positions: jax.Array, input_mask: jax.Array) -> jax.Array:
+  """(B,) the position of each row's first new token: one past its last
+  valid prefix token's."""
+  valid = jnp.asarray(input_mask, bool)
+  return jnp.max(jnp.where(valid, positions, -1), axis=1).astype(jnp.int32) + 1
+
+
 def _variables(params) -> dict:
   return {"params": params}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _generate(model: dec.Decoder, max_new_tokens: int, greedy: bool, cache_dtype, params,
-              prefix_embeds, prefix_mask_ar, prefix_input_mask, eos_id, pad_id, rng,
-              temperature, top_p):
+              prefix_embeds, prefix_mask_ar, prefix_input_mask, prefix_pos, eos_id, pad_id,
+              rng, temperature, top_p):
   variables = _variables(params)
   b, p = prefix_embeds.shape[:2]
   n = max_new_tokens
@@ -108,13 +115,15 @@ def _generate(model: dec.Decoder, max_new_tokens: int, greedy: bool, cache_dtype
   pad_id = jnp.asarray(pad_id, jnp.int32)
   temperature = 0.0 if greedy else temperature
   valid = jnp.asarray(prefix_input_mask, bool)
-  n_valid = valid.sum(axis=1).astype(jnp.int32)
+  if prefix_pos is None:
+    prefix_pos = prefix_positions(valid)
+  next_pos = next_positions(prefix_pos, valid)
 
   # Prefill: the whole prefix at once into cache slots [0, P).
   mask = dec.make_attention_mask(prefix_mask_ar, valid)
   mask = jnp.pad(mask, ((0, 0), (0, 0), (0, n)))
   cache = model.init_cache(b, p + n, cache_dtype)
-  logits, cache = model.apply(variables, prefix_embeds, positions=prefix_positions(valid),
+  logits, cache = model.apply(variables, prefix_embeds, positions=prefix_pos,
                               mask=mask, cache=cache, cache_index=0)
   last = jnp.max(jnp.where(valid, jnp.arange(p), 0), axis=1)
   first = sample_logits(logits[jnp.arange(b), last], jax.random.fold_in(rng, 0),
@@ -127,12 +136,12 @@ def _generate(model: dec.Decoder, max_new_tokens: int, greedy: bool, cache_dtype
     return (t < n) & ~jnp.all(done)
 
   def step(state):
-    """Feeds token t - 1 (slot P + t - 1, position n_valid + t - 1)."""
+    """Feeds token t - 1 (slot P + t - 1, position next_pos + t - 1)."""
     t, prev, tokens, done, cache, key_valid = state
     slot = p + t - 1
     key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((b, 1), bool), (0, slot))
     x = model.apply(variables, prev[:, None], method="embed")
-    logits, cache = model.apply(variables, x, positions=(n_valid + t - 1)[:, None],
+    logits, cache = model.apply(variables, x, positions=(next_pos + t - 1)[:, None],
                                 mask=key_valid[:, None, :], cache=cache, cache_index=slot)
     tok = sample_logits(logits[:, 0], jax.random.fold_in(rng, t), temperature, top_p)
     tok = jnp.where(done, pad_id, tok)
@@ -145,14 +154,18 @@ def _generate(model: dec.Decoder, max_new_tokens: int, greedy: bool, cache_dtype
 
 def generate(model: dec.Decoder, params, prefix_embeds, prefix_mask_ar, prefix_input_mask, *,
              max_new_tokens: int, eos_id, pad_id: int, rng=None, temperature=0.0,
-             top_p=1.0, cache_dtype: Any = jnp.float32) -> jax.Array:
+             top_p=1.0, cache_dtype: Any = jnp.float32,
+             prefix_positions: jax.Array | None = None) -> jax.Array:
   """Generates up to ``max_new_tokens`` tokens after each row's prefix.
 
   ``params``: the Decoder's "params" collection. ``prefix_embeds`` (B, P,
   width): image tokens and prompt embeddings, concatenated by the caller;
   ``prefix_mask_ar`` (B, P): 0 = attended bidirectionally (prefix-LM),
   1 = causal; ``prefix_input_mask`` (B, P): True for real tokens (pads may
-  sit anywhere, typically on the right). ``eos_id``: an int or a list of ids.
+  sit anywhere, typically on the right). ``prefix_positions`` (B, P): the
+  prefix's RoPE positions, when they are not ``prefix_positions(input_mask)``
+  (a VLM may put all its image tokens at one position); new tokens follow
+  each row's last valid one. ``eos_id``: an int or a list of ids.
 
   Returns (B, max_new_tokens) int32: the new tokens, EOS included, ``pad_id``
   after it (``output_lengths`` gives the lengths). Compiled once per model,
@@ -169,7 +182,8 @@ def generate(model: dec.Decoder, params, prefix_embeds, prefix_mask_ar, prefix_i
     rng = jax.random.PRNGKey(0)
   return _generate(model, int(max_new_tokens), greedy, np.dtype(cache_dtype), params,
                    prefix_embeds, jnp.asarray(prefix_mask_ar, jnp.int32), prefix_input_mask,
-                   jnp.asarray(eos_id, jnp.int32), pad_id, rng, temperature, top_p)
+                   prefix_positions, jnp.asarray(eos_id, jnp.int32), pad_id, rng, temperature,
+                   top_p)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -22,6 +22,7 @@ from multimodal.models import decoder, layers
 from multimodal.models.vit import ViT
 
 PROJECTORS = ("linear", "mlp", "conv")
+IMAGE_POSITIONS = ("sequence", "shared")
 
 
 class Projector(nn.Module):
@@ -86,6 +87,11 @@ class VisionLanguageModel(nn.Module):
   # this did not raise VQA accuracy: README, "Vision-language model".)
   stem_features: bool = False
   causal: bool = False
+  # RoPE positions of the image tokens: "sequence", 0 .. N-1 in raster order
+  # with the text from N (LLaVA's); "shared", all at 0 with the text from 1,
+  # so that attention between text and image depends on content alone (where
+  # an object sits is in its tokens: the tower's position embeddings).
+  image_positions: str = "sequence"
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -129,11 +135,23 @@ class VisionLanguageModel(nn.Module):
     return (jnp.concatenate([ones if self.causal else 0 * ones, mask_ar], axis=1),
             jnp.concatenate([ones, input_mask], axis=1))
 
+  def positions(self, num_image_tokens: int, full_input_mask):
+    """RoPE positions of [image; text] (B, N + L): valid tokens counted in
+    order, the image's as `image_positions` says; pads take their
+    predecessor's position (they are never attended)."""
+    if self.image_positions not in IMAGE_POSITIONS:
+      raise ValueError(f"image_positions {self.image_positions!r} is not one of "
+                       f"{IMAGE_POSITIONS}.")
+    steps = jnp.asarray(full_input_mask, jnp.int32)
+    if self.image_positions == "shared" and num_image_tokens > 1:
+      steps = steps.at[:, 1:num_image_tokens].set(0)
+    return jnp.maximum(jnp.cumsum(steps, axis=1) - 1, 0)
+
   def __call__(self, images, text, mask_ar, input_mask):
     x = self.embed_prefix(images, text)
     num_image = x.shape[1] - text.shape[1]
     full_ar, full_input = self.full_masks(num_image, mask_ar, input_mask)
     mask = decoder.make_attention_mask(full_ar, full_input)
-    positions = jnp.maximum(jnp.cumsum(full_input, axis=1) - 1, 0)
+    positions = self.positions(num_image, full_input)
     logits, _ = self.llm(x, positions=positions, mask=mask)
     return logits[:, num_image:]

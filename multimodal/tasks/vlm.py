@@ -74,6 +74,7 @@ class VisionLanguageTask(base.Task):
         projector_type=config.model.projector,
         vision_layer=config.model.vision_layer,
         stem_features=config.model.get("stem_features", False), causal=config.model.causal,
+        image_positions=config.model.get("image_positions", "sequence"),
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     self.decoder = decoder.Decoder(**self.lm_kwargs)
 
@@ -200,10 +201,13 @@ class VisionLanguageTask(base.Task):
       prefix_ar, prefix_input = model.apply(
           {"params": params}, num_image, jnp.zeros_like(prompt_tokens), prompt_mask,
           method=model.full_masks)
+      positions = model.apply({"params": params}, num_image, prefix_input,
+                              method=model.positions)
       return decoding.generate(
           lm, params["llm"], prefix, prefix_ar, prefix_input,
           max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
-          pad_id=self.tokenizer.pad_id, rng=rng, temperature=temperature, top_p=top_p)
+          pad_id=self.tokenizer.pad_id, rng=rng, temperature=temperature, top_p=top_p,
+          prefix_positions=positions)
     return jax.jit(generate)
 
   def prompt_tokens(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
