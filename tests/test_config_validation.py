@@ -9,6 +9,7 @@ path unpickles anything."""
 import ast
 import json
 import pathlib
+import re
 import types
 
 import pytest
@@ -257,6 +258,23 @@ def test_tasks_check_before_reading_data_or_weights(tmp_path):
   config = tiny_clip_config(str(tmp_path / "no_data"), "res=36")
   with pytest.raises(config_lib.ConfigError, match="config.input.image_size=36"):
     clip.ContrastiveTask(config)
+
+
+@pytest.mark.parametrize("key, value, valid", [
+    ("stage", "pretrain", "('lm', 'align', 'tune')"),
+    ("model.projector", "mpl", "('linear', 'mlp', 'conv')"),
+    ("model.image_positions", "2d", "('sequence', 'shared')"),
+])
+def test_vlm_names_a_wrong_stage_projector_or_image_layout_before_its_data(
+    key, value, valid, tmp_path):
+  from multimodal.tasks import vlm
+  config = config_lib.load_config_file("configs/vlm_shapes.py")
+  config.input.data_dir = str(tmp_path / "no_data")
+  config_lib.set_dotted(config, key, value)
+  with pytest.raises(config_lib.ConfigError,
+                     match=re.escape(f"config.{key}={value!r} is not one of {valid}.")):
+    vlm.VisionLanguageTask(config)
+  assert not (tmp_path / "no_data").exists()
 
 
 # -- Arguments are parsed, never evaluated -------------------------------------

@@ -42,9 +42,15 @@ class VisionLanguageTask(base.Task):
   """Next-token loss on the answer tokens (all tokens in stage "lm")."""
 
   def __init__(self, config):
+    # Runs saved before image_positions existed laid the image out in sequence.
+    image_positions = config.model.get("image_positions", "sequence")
+    # Before any data is read: names the models build from.
+    for key, value, valid in (("stage", config.stage, STAGES),
+                              ("model.projector", config.model.projector, vlm.PROJECTORS),
+                              ("model.image_positions", image_positions, vlm.IMAGE_POSITIONS)):
+      if value not in valid:
+        raise config_lib.ConfigError(f"config.{key}={value!r} is not one of {valid}.")
     super().__init__(config)
-    if config.stage not in STAGES:
-      raise config_lib.ConfigError(f"config.stage={config.stage!r} is not one of {STAGES}.")
     self.text_only = config.stage == "lm"
     self.hf_lm = config.get("init", {}).get("from_hf")
     self.tokenizer = self._tokenizer()
@@ -74,7 +80,7 @@ class VisionLanguageTask(base.Task):
         projector_type=config.model.projector,
         vision_layer=config.model.vision_layer,
         stem_features=config.model.get("stem_features", False), causal=config.model.causal,
-        image_positions=config.model.get("image_positions", "sequence"),
+        image_positions=image_positions,
         dtype=jnp.dtype(config.get("compute_dtype", "float32")))
     self.decoder = decoder.Decoder(**self.lm_kwargs)
 
