@@ -262,7 +262,7 @@ def test_tasks_check_before_reading_data_or_weights(tmp_path):
 
 @pytest.mark.parametrize("key, value, valid", [
     ("stage", "pretrain", "('lm', 'align', 'tune')"),
-    ("model.projector", "mpl", "('linear', 'mlp', 'conv')"),
+    ("model.projector", "mpl", "('linear', 'mlp', 'conv', 'block')"),
     ("model.image_positions", "2d", "('sequence', 'shared')"),
 ])
 def test_vlm_names_a_wrong_stage_projector_or_image_layout_before_its_data(

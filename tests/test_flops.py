@@ -224,7 +224,8 @@ def test_dit_config_matches_jaxpr(arg):
 
 @pytest.mark.parametrize("arg", ["stage=tune,projector=conv", "stage=tune,projector=mlp",
                                  "stage=tune,projector=linear", "stage=lm,projector=conv",
-                                 "stage=tune,stem_features=True"])
+                                 "stage=tune,stem_features=True",
+                                 "stage=tune,projector=block,stem_features=True"])
 def test_vlm_config_matches_jaxpr(arg):
   config = vlm_shapes.get_config(arg)
   stage = config.stage

@@ -178,6 +178,20 @@ def test_conv_projector_against_numpy():
     projector.apply({"params": params}, tokens[:, :12])
 
 
+@pytest.mark.parametrize("kind", ["mlp", "block"])
+def test_only_the_block_projector_lets_image_tokens_see_each_other(kind):
+  """Changing the features of the last patch changes only its own token
+  through "mlp" (token by token), every token through "block" (attention)."""
+  features = jax.random.normal(jax.random.key(0), (1, 16, 24))
+  projector = vlm_model.Projector(kind, 32)
+  params = projector.init(jax.random.key(1), features)
+  before = projector.apply(params, features)
+  after = projector.apply(params, features.at[0, -1].add(1.0))
+  changed = np.abs(np.asarray(after - before)).max(axis=-1)[0] > 1e-6
+  assert before.shape == (1, 16, 32) and changed[-1]
+  assert changed[:-1].all() if kind == "block" else not changed[:-1].any()
+
+
 def test_stem_features_sit_beside_the_final_ones():
   """stem_features=True: the projector reads [tokens entering the first
   block, final tokens]. With the stem half of its first kernel zeroed it is

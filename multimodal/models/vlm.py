@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from multimodal.models import decoder, layers
 from multimodal.models.vit import ViT
 
-PROJECTORS = ("linear", "mlp", "conv")
+PROJECTORS = ("linear", "mlp", "conv", "block")
 IMAGE_POSITIONS = ("sequence", "shared")
 
 
@@ -35,6 +35,10 @@ class Projector(nn.Module):
   patch: an object larger than a patch has its shape spread over its
   neighbours. On the shapes world it has not yet raised VQA accuracy
   (README, "Vision-language model").
+
+  "block" puts one trainable pre-LN transformer block (4 heads) between the
+  two Dense layers: attention among the image tokens, for a frozen tower
+  whose tokens do not hold an object's shape where the object is.
   """
   kind: str
   out_dim: int
@@ -52,6 +56,10 @@ class Projector(nn.Module):
                       bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))
     if self.kind == "linear":
       return dense("Dense_0")(x)
+    if self.kind == "block":
+      hidden = layers.EncoderBlock(num_heads=4, dtype=self.dtype,
+                                   name="EncoderBlock_0")(dense("Dense_0")(x))
+      return dense("Dense_1")(hidden)
     hidden = self._conv3x3(x) if self.kind == "conv" else dense("Dense_0")(x)
     # The hidden layer keeps the LM width, as in LLaVA-1.5.
     return dense("Dense_1")(nn.gelu(hidden, approximate=False))
