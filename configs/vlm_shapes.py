@@ -3,7 +3,7 @@ r"""A small vision-language model on the shapes world, in LLaVA's stages.
   ./launch.sh run configs/vlm_shapes.py                # all stages (the others on first use)
   ./launch.sh run configs/vlm_shapes.py:stage=align    # one stage
   ./launch.sh run configs/vlm_shapes.py:projector=linear,causal=True
-  ./launch.sh run configs/vlm_shapes.py:projector=block,stem_features=True  # a transformer block in the projector
+  ./launch.sh run configs/vlm_shapes.py:projector=block,stem_features=True  # attending
   ./launch.sh run configs/vlm_shapes.py:questions=6       # an image's questions as one dialogue
   ./launch.sh run configs/vlm_shapes.py --config.init.from_hf=DIR   # a HF Llama as the LM
 
