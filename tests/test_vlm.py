@@ -263,15 +263,20 @@ def test_cached_generation_equals_greedy_reruns_of_the_whole_model(image_positio
   task.tokenizer = type("Ids", (), {"eos_id": 31, "pad_id": 0})()
   generated = np.asarray(task.generate_fn(5)(params, images, prompt, prompt_mask,
                                              jax.random.key(0)))
+  # One fixed-length buffer (the valid tokens, then pads): one compilation.
+  size = prompt.shape[1] + 5
+  apply = jax.jit(lambda image, tokens, mask_ar, valid: model.apply(
+      {"params": params}, image, tokens, mask_ar, valid))
   for row in range(2):
     text = list(np.asarray(prompt[row, :int(prompt_mask[row].sum())]))
     prompt_len = len(text)
     for _ in range(5):
-      mask_ar = jnp.array([[0] * prompt_len + [1] * (len(text) - prompt_len)])
-      tokens = jnp.array([text], jnp.int32)
-      logits = model.apply({"params": params}, images[row:row + 1], tokens, mask_ar,
-                           jnp.ones_like(tokens))
-      text.append(int(jnp.argmax(logits[0, -1])))
+      n = len(text)
+      tokens = jnp.array([text + [0] * (size - n)], jnp.int32)
+      mask_ar = (jnp.arange(size) >= prompt_len).astype(jnp.int32)[None]
+      valid = (jnp.arange(size) < n).astype(jnp.int32)[None]
+      logits = apply(images[row:row + 1], tokens, mask_ar, valid)
+      text.append(int(jnp.argmax(logits[0, n - 1])))
     want = text[prompt_len:]
     if 31 in want:  # After EOS a row emits pads.
       want = want[:want.index(31) + 1] + [0] * (4 - want.index(31))
