@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from multimodal.models import decoder, layers
+from multimodal.models import decoder, decoding, layers
 from multimodal.models.vit import ViT
 
 PROJECTORS = ("linear", "mlp", "conv", "block")
@@ -151,10 +151,10 @@ class VisionLanguageModel(nn.Module):
     if self.image_positions not in IMAGE_POSITIONS:
       raise ValueError(f"image_positions {self.image_positions!r} is not one of "
                        f"{IMAGE_POSITIONS}.")
-    steps = jnp.asarray(full_input_mask, jnp.int32)
+    counted = jnp.asarray(full_input_mask, jnp.int32)
     if self.image_positions == "shared" and num_image_tokens > 1:
-      steps = steps.at[:, 1:num_image_tokens].set(0)
-    return jnp.maximum(jnp.cumsum(steps, axis=1) - 1, 0)
+      counted = counted.at[:, 1:num_image_tokens].set(0)  # They take the first's.
+    return decoding.prefix_positions(counted)
 
   def __call__(self, images, text, mask_ar, input_mask):
     x = self.embed_prefix(images, text)
