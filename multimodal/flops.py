@@ -38,7 +38,7 @@ import os
 import jax
 import jax.extend.core as jex_core
 
-from multimodal.models import decoder, dit, text, two_towers, vit
+from multimodal.models import decoder, dit, text, two_towers, vit, vlm
 
 # The tasks feed RGB images (their init uses (1, size, size, 3)).
 IMAGE_CHANNELS = 3
@@ -311,9 +311,9 @@ def _vlm_forward(config, batch_size: int) -> int:
     taps = 9 if config.model.projector == "conv" else 1
     features = vision_width * (2 if config.model.get("stem_features") else 1)
     per_example += dense_flops(num_image, taps * features, lm_width)
-    if config.model.projector == "block":  # vlm.Projector: 4 heads, a 4x MLP.
-      per_example += transformer_block_flops(num_image, lm_width, 4 * lm_width, 4,
-                                             lm_width // 4)
+    if config.model.projector == "block":  # vlm.Projector's: a 4x MLP (MlpBlock's).
+      per_example += transformer_block_flops(num_image, lm_width, 4 * lm_width,
+                                             vlm.BLOCK_HEADS, lm_width // vlm.BLOCK_HEADS)
     if config.model.projector in ("mlp", "conv", "block"):
       per_example += dense_flops(num_image, lm_width, lm_width)  # Projector Dense_1
     length += num_image

@@ -23,6 +23,7 @@ from multimodal.models.vit import ViT
 
 PROJECTORS = ("linear", "mlp", "conv", "block")
 IMAGE_POSITIONS = ("sequence", "shared")
+BLOCK_HEADS = 4  # The "block" projector's attention heads (flops.py counts them).
 
 
 class Projector(nn.Module):
@@ -36,7 +37,7 @@ class Projector(nn.Module):
   neighbours. On the shapes world it has not yet raised VQA accuracy
   (README, "Vision-language model").
 
-  "block" puts one trainable pre-LN transformer block (4 heads) between the
+  "block" puts one trainable pre-LN transformer block (BLOCK_HEADS) between the
   two Dense layers: attention among the image tokens, for a frozen tower
   whose tokens do not hold an object's shape where the object is. On the
   shapes world it did not raise VQA accuracy either (README).
@@ -58,7 +59,7 @@ class Projector(nn.Module):
     if self.kind == "linear":
       return dense("Dense_0")(x)
     if self.kind == "block":
-      hidden = layers.EncoderBlock(num_heads=4, dtype=self.dtype,
+      hidden = layers.EncoderBlock(num_heads=BLOCK_HEADS, dtype=self.dtype,
                                    name="EncoderBlock_0")(dense("Dense_0")(x))
       return dense("Dense_1")(hidden)
     hidden = self._conv3x3(x) if self.kind == "conv" else dense("Dense_0")(x)
