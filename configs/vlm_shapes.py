@@ -9,7 +9,8 @@ r"""A small vision-language model on the shapes world, in LLaVA's stages.
 
 stage=lm: the decoder learns the world's text; stage=align: only the
 projector trains, between the frozen vision tower of a CLIP run
-(configs/clip_shapes.py, trained on first use) and the frozen LM; stage=tune
+(configs/clip_shapes.py:variant=nano/32,res=96, trained on first use; tower=
+and res= pick another) and the frozen LM; stage=tune
 (the default): projector and LM learn VQA and captioning. Each stage starts
 from the previous one's run, trained on first use and cached in
 <data_dir>/trained_runs/ (`config.init.*.workdir` points at runs of your own).
@@ -19,16 +20,16 @@ from ml_collections import config_dict
 from configs import clip_shapes
 from multimodal import config_lib
 
-STEPS = {"lm": 1500, "align": 600, "tune": 3000}
+STEPS = {"lm": 1500, "align": 600, "tune": 5000}
 MAX_LEN = 48  # Prompt + answer tokens; the longest caption fits.
 MAX_PROMPT_LEN = 16  # Questions and the caption prompt.
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, stage="tune", steps=0, batch=64, lm="mu",
-                             projector="mlp", causal=False, vision_layer=-1,
+                             projector="mlp", causal=False, vision_layer=-4,
                              stem_features=False, image_positions="sequence", questions=1,
-                             p_caption=0.3, lr=0.0, res=64)
+                             p_caption=0.3, lr=0.0, res=96, tower="nano/32")
   c = config_dict.ConfigDict()
   c.task = "vlm"
   c.stage = arg.stage
@@ -67,8 +68,12 @@ def get_config(arg=None):
 
   c.model = config_dict.ConfigDict()
   # The vision tower: a CLIP/SigLIP run (its `image` config and weights).
+  # A 32 px patch at res 96 makes one token per cell of the world's 3x3 grid,
+  # so a token sees one object. Of its 4 blocks, the first one's features
+  # (vision_layer=-4) taught the VLM more than the last one's (VQA 0.835 vs
+  # 0.814 at 3000 tune steps; README, "Vision-language model").
   c.model.vision = dict(workdir=config_dict.placeholder(str),
-                        config="configs/clip_shapes.py")
+                        config=f"configs/clip_shapes.py:variant={arg.tower},res={arg.res}")
   c.model.lm = dict(variant=arg.lm, tie_embeddings=False)
   c.model.projector = arg.projector
   c.model.vision_layer = arg.vision_layer

@@ -168,9 +168,10 @@ def vlm_rows(settings: Settings, data_dir: str | None) -> list[dict]:
 
 
 def vlm_config(settings: Settings, data_dir: str | None, vision_dir: str):
-  """configs/vlm_shapes.py's stage tune on the vision tower of
-  configs/clip_shapes.py, whose run `vision_dir` stands in for: its
-  config.json alone, as speed does not depend on the weights."""
+  """configs/vlm_shapes.py's stage tune on the 64-token vision tower of
+  configs/clip_shapes.py (not the config's default 9-token cell tower, whose
+  step the VLM's decoder dominates), whose run `vision_dir` stands in for:
+  its config.json alone, as speed does not depend on the weights."""
   from configs import clip_shapes, vlm_shapes
   size, batch = (32, 8) if settings.smoke else (64, 64)
   vision = _on_world(clip_shapes.get_config(f"res={size}"), settings, data_dir)
@@ -182,7 +183,7 @@ def vlm_config(settings: Settings, data_dir: str | None, vision_dir: str):
   # What the task's check of a run's workdir looks for; the bench never
   # restores it (StepBench starts from a fresh init).
   os.makedirs(os.path.join(vision_dir, "checkpoints", "0"))
-  config = vlm_shapes.get_config(f"res={size},batch={batch}")
+  config = vlm_shapes.get_config(f"res={size},batch={batch},tower=mu/8,vision_layer=-1")
   config.model.vision.workdir = vision_dir
   return _on_world(config, settings, data_dir)
 

@@ -162,17 +162,34 @@ def test_vlm_images_must_fit_the_vision_run(tmp_path):
   vision = clip_shapes.get_config("res=32")  # The vision run's saved config.
   task = object.__new__(vlm.VisionLanguageTask)
   task.image_size = 32
-  task.config = vlm_shapes.get_config("res=32")
+  task.config = vlm_shapes.get_config("res=32,tower=mu/8")
   task._check_image_sizes(vision)
-  task.config = vlm_shapes.get_config("res=36")
+  task.config = vlm_shapes.get_config("res=36,tower=mu/8")
   with pytest.raises(config_lib.ConfigError, match=r"config.input.pp makes 36x36 images, "
                      r"not divisible by the 8x8 patch of model.image.variant='mu/8' of the "
-                     r"vision run \(config.model.vision\) of 'configs/clip_shapes.py'"):
+                     r"vision run \(config.model.vision\) of "
+                     r"'configs/clip_shapes.py:variant=mu/8,res=36'"):
     task._check_image_sizes(vision)
-  task.config = vlm_shapes.get_config("res=64")
+  task.config = vlm_shapes.get_config("res=64,tower=mu/8")
   with pytest.raises(config_lib.ConfigError, match=r"config.input.pp makes 64x64 images, but "
                      r"the model is built for input.image_size of the vision run"):
     task._check_image_sizes(vision)
+
+
+def test_vlm_vision_layer_must_name_a_block_of_the_tower():
+  from configs import clip_shapes, vlm_shapes
+  from multimodal.tasks import vlm
+  image = clip_shapes.get_config("variant=mu/8").model.image.to_dict()  # 2 blocks.
+  task = object.__new__(vlm.VisionLanguageTask)
+  for layer in (-2, -1, 0, 1):
+    task.config = vlm_shapes.get_config(f"tower=mu/8,vision_layer={layer}")
+    task._check_vision_layer(image)
+  task.config = vlm_shapes.get_config("tower=mu/8")  # The default vision_layer=-4.
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      "config.model.vision_layer=-4 names no block of the vision run (config.model.vision) "
+      "of 'configs/clip_shapes.py:variant=mu/8,res=96': its tower "
+      "model.image.variant='mu/8' has 2 blocks, so use -2 .. -1")):
+    task._check_vision_layer(image)
 
 
 def test_latent_dit_latents_must_fit_the_patch():

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import clip_shapes, dit_shapes, shapes_classifier, siglip_shapes, vlm_shapes
-from multimodal import flops, losses
+from multimodal import config_lib, flops, losses
 from multimodal.diffusion import losses as diffusion_losses, schedules
 from multimodal.models import classifier, decoder, dit, text, two_towers, vit, vlm
 
@@ -229,7 +229,7 @@ def test_dit_config_matches_jaxpr(arg):
 def test_vlm_config_matches_jaxpr(arg):
   config = vlm_shapes.get_config(arg)
   stage = config.stage
-  vision = clip_shapes.get_config()  # config.model.vision.config's run.
+  vision = config_lib.load_config_file(config.model.vision.config)
   b, size = config.input.batch_size, vision.input.image_size
   model = vlm.VisionLanguageModel(
       image=None if stage == "lm" else vision.model.image.to_dict(),

@@ -30,7 +30,7 @@ def family_config(name, data_dir, clip_workdir):
     return tiny_clip_config(data_dir, "loss=sigmoid" if name == "siglip" else "")
   specs = {
       "dit": "configs/dit_shapes.py:variant=mu/8,steps=10,res=32,batch=32",
-      "vlm": "configs/vlm_shapes.py:stage=tune,steps=10,res=32,batch=32",
+      "vlm": "configs/vlm_shapes.py:stage=tune,steps=10,res=32,batch=32,vision_layer=-1",
       "classifier": "configs/shapes_classifier.py:variant=mu/8,steps=10,res=32,batch=32",
   }
   config = config_lib.load_config_file(specs[name])

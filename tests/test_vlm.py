@@ -26,14 +26,15 @@ from multimodal.tasks import vlm
 
 def vlm_config(data_dir, clip_workdir, stage, steps, **overrides):
   config = config_lib.load_config_file(
-      f"configs/vlm_shapes.py:stage={stage},steps={steps},res=32,batch=16")
+      f"configs/vlm_shapes.py:stage={stage},steps={steps},res=32,batch=16,vision_layer=-1")
   with config.unlocked():
     config.input.data_dir = data_dir
     config.input.shapes_world = dict(TINY_WORLD)
     config.model.vision.workdir = clip_workdir
     config.log_steps = 1
     for stage_run, name in ((config.init.lm, "lm"), (config.init.run, "align")):
-      stage_run.config = f"configs/vlm_shapes.py:stage={name},steps=3,res=32,batch=16"
+      stage_run.config = (
+          f"configs/vlm_shapes.py:stage={name},steps=3,res=32,batch=16,vision_layer=-1")
     for evaluator in config.evals.values():
       evaluator.batch_size = 64
     for key, value in overrides.items():
@@ -328,7 +329,7 @@ def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
   the `ask` and `caption` commands."""
   clip_workdir, _ = trained_clip
   workdir = tmp_path / "vlm"
-  small = "res=64,batch=32"
+  small = "res=64,batch=32,vision_layer=-1"
   args = [sys.executable, "-m", "experiments.train",
           f"configs/vlm_shapes.py:stage=tune,steps=600,{small}", f"--workdir={workdir}",
           f"--config.input.data_dir={data_dir}", f"--config.model.vision.workdir={clip_workdir}",

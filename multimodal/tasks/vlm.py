@@ -31,7 +31,7 @@ from multimodal import config_checks, config_lib, trained_runs
 from multimodal.data import preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import captioning, vqa
 from multimodal.importers import hf_llama, hf_tokenizer, safetensors_io
-from multimodal.models import decoder, decoding, vlm
+from multimodal.models import decoder, decoding, vit, vlm
 from multimodal.tasks import base
 
 STAGES = ("lm", "align", "tune")
@@ -68,6 +68,7 @@ class VisionLanguageTask(base.Task):
       image = vision_config.model.image.to_dict()
       self.image_size = vision_config.input.image_size
       self._check_image_sizes(vision_config)
+      self._check_vision_layer(image)
     if self.hf_lm:  # The checkpoint's architecture, whatever model.lm says.
       hf_config = safetensors_io.read_json_object(os.path.join(self.hf_lm, "config.json"))
       self.lm_kwargs = hf_llama.decoder_kwargs_from_config(hf_config)
@@ -98,6 +99,20 @@ class VisionLanguageTask(base.Task):
         pp_keys=config_checks.image_pp_keys(self.config),
         image_size=self.image_size, image_size_key=f"input.image_size of {where}",
         same_size=vision_config.model.image.get("posemb", "learn") == "learn")
+
+  def _check_vision_layer(self, image: dict) -> None:
+    """model.vision_layer names one of the vision tower's blocks, counted
+    from the end (-1 its final tokens) or from 0; a tower with fewer blocks
+    would fail deep inside the model's first trace."""
+    layer = self.config.model.vision_layer
+    depth = vit.ViT(**image)._config()["depth"]
+    if not -depth <= layer < depth:
+      vision = self.config.model.vision
+      raise config_lib.ConfigError(
+          f"config.model.vision_layer={layer} names no block of the vision run "
+          f"(config.model.vision) {trained_runs.describe(vision)}: its tower "
+          f"model.image.variant={image.get('variant')!r} has {depth} blocks, so use "
+          f"-{depth} .. -1 (-1 its final tokens) or 0 .. {depth - 1}.")
 
   @property
   def vision_workdir(self) -> str:
