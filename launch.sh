@@ -13,6 +13,7 @@
 #   ./launch.sh caption --workdir DIR --image PATH
 #   ./launch.sh sample --workdir DIR --prompt "a red circle" [--n 16 --cfg 3.0 --steps 50 --sampler ddim]
 #   ./launch.sh bench [--families clip,dit,vlm] [--out FILE] [--profile DIR] [--smoke]
+#   ./launch.sh bench-flags [--families clip,dit] [--xla_flags F1,F2] [--out FILE]
 #   ./launch.sh test [PYTEST ARGS]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -54,6 +55,8 @@ case "$cmd" in
     exec "$py" -m experiments.caption "$@" ;;
   bench)
     exec "$py" -m experiments.bench "$@" ;;
+  bench-flags)
+    exec "$py" -m experiments.bench_flags "$@" ;;
   search)
     exec "$py" -m experiments.search "$@" ;;
   test)
@@ -64,8 +67,8 @@ case "$cmd" in
     # PYTEST_WORKERS=0 runs in one process.
     exec "$py" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@" ;;
   -h|--help|help)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    echo "launch.sh: unknown command '$cmd'. Commands: run, sweep, eval, sample, embed, search, ask, caption, bench, test." >&2
+    echo "launch.sh: unknown command '$cmd'. Commands: run, sweep, eval, sample, embed, search, ask, caption, bench, bench-flags, test." >&2
     exit 2 ;;
 esac
