@@ -18,23 +18,23 @@ def bench_flags(*args):
 
 
 def test_bench_flags_smoke(data_dir, tmp_path):
+  # One trial, of a flag XLA does not know: its process fails at once, and
+  # XLA's complaint shows that the flag reached the trial's XLA_FLAGS.
   out = tmp_path / "flags"
   run = bench_flags("--smoke", "--families=dit", f"--data_dir={data_dir}", f"--out={out}",
-                    "--xla_flags=--xla_cpu_enable_fast_min_max=true,--xla_cpu_no_such_switch=1")
+                    "--xla_flags=--xla_cpu_no_such_switch=1")
   assert run.returncode == 0, run.stderr[-3000:]
   rows = json.loads((tmp_path / "flags.json").read_text())["rows"]
-  assert [r["flag"] for r in rows] == ["(none)", "--xla_cpu_enable_fast_min_max=true",
-                                      "--xla_cpu_no_such_switch=1", "(none)"]
+  assert [r["flag"] for r in rows] == ["(none)", "--xla_cpu_no_such_switch=1", "(none)"]
   assert all(r["family"] == "dit" for r in rows)
-  timed = [rows[0], rows[1], rows[3]]
-  for r in timed:
-    assert r["compile_s"] > 0 and r["step_ms"] > 0, r
+  first, unknown, last = rows
   # The yardstick is the mean of the two baselines.
-  mean = (rows[0]["step_ms"] + rows[3]["step_ms"]) / 2
-  for r in timed:
+  mean = (first["step_ms"] + last["step_ms"]) / 2
+  for r in (first, last):
+    assert r["compile_s"] > 0 and r["step_ms"] > 0, r
     assert abs(r["vs_baseline"] - mean / r["step_ms"]) < 1e-9, r
-  # The unknown flag is XLA's own complaint, in the row that tried it.
-  assert "Unknown flag" in rows[2]["error"] and "no_such_switch" in rows[2]["error"], rows[2]
+  assert "Unknown flag" in unknown["error"] and "no_such_switch" in unknown["error"], unknown
+  assert "step_ms" not in unknown
   table = (tmp_path / "flags.md").read_text()
   assert table.startswith("| family | XLA flag |") and "error: Unknown flag" in table
 
