@@ -36,6 +36,19 @@ py="$venv/bin/python"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 export TF_ENABLE_ONEDNN_OPTS="${TF_ENABLE_ONEDNN_OPTS:-0}"
 
+# Keep freed memory in the process. By default glibc hands every large freed
+# block back to the kernel, so each run of a jitted step page-faults its
+# buffers in again: 200k faults per CLIP bench step, a third of its time on a
+# 2-core VM. No mmap for large blocks, no trimming of the heap, and the heap
+# on transparent huge pages where the kernel offers them (README, Performance).
+# Ours come first, so a GLIBC_TUNABLES of the caller's wins (once: a
+# launch.sh started by another, as --procs and --slurm do, adds nothing).
+malloc_tunables="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
+case "${GLIBC_TUNABLES:-}" in
+  *"$malloc_tunables"*) ;;
+  *) export GLIBC_TUNABLES="$malloc_tunables${GLIBC_TUNABLES:+:$GLIBC_TUNABLES}" ;;
+esac
+
 cmd="${1:-run}"
 [ $# -gt 0 ] && shift
 case "$cmd" in

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 
 from experiments import bench_peers
-from experiments.bench_rows import (Settings, before_row, loop_rows, median_throughput,
-                                    peer_throughput, row, timed_and_profiled, train_rows)
+from experiments.bench_rows import (Settings, allocator_row, before_row, loop_rows,
+                                    median_throughput, peer_throughput, row,
+                                    timed_and_profiled, train_rows)
 from multimodal import config_lib, measure, sharding, trainer
 
 # The shapes world of --smoke: as the test suite's (tests/conftest.py), so
@@ -77,6 +78,8 @@ def clip_rows(settings: Settings, data_dir: str | None) -> list[dict]:
           text_len=config.input.tokenizer.max_len, vocab_size=bench.task.tokenizer.vocab_size,
           out_dim=config.model.out_dim, batch=batch))
   rows.append(before_row("buffers donated", rows[0], config, settings, donate=False))
+  if not settings.smoke:  # Two more processes; the suite's smoke run has DiT's.
+    rows.append(allocator_row("clip", batch, settings, data_dir))
   rows += loop_rows("clip", bench, settings, steps=3 if settings.smoke else LOOP_STEPS)
   rows += _clip_eval_rows(bench, settings, shape)
   return rows
@@ -132,6 +135,7 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
       "dit", config, settings, peer_name="diffusers DiTTransformer2DModel",
       peer_factory=lambda bench: bench_peers.dit_train_step(
           **shape, batch=batch, ema_decay=config.get("ema_decay")))
+  rows.append(allocator_row("dit", batch, settings, data_dir))
   steps = 2 if settings.smoke else DIT_SAMPLER_STEPS
   sample = bench.task.sampler(bench.mesh, steps=steps, cfg_scale=DIT_CFG_SCALE)
   labels = np.arange(batch, dtype=np.int32) % config.model.num_classes

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import flags
 
+from experiments import bench_process
 from experiments.common import fail
 
-KNOWN = ("clip", "dit")
+KNOWN = bench_process.FAMILIES
 # XLA:CPU switches of jax 0.10.2 that could change the speed of a step and
 # keep its results (fast math, which does not, is left out).
 DEFAULT_FLAGS = (
@@ -42,41 +42,14 @@ OUT = flags.DEFINE_string("out", "bench_flags", "File stem for the .json and .md
 SMOKE = flags.DEFINE_boolean("smoke", False, "One tiny shape, one repeat (for the tests).")
 REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per trial (the median is reported).")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir of the shapes world.")
-CHILD = flags.DEFINE_string("child", None, "Internal: time this family here and print JSON.")
-
-# What a trial process prints before its JSON line, so the parent finds it
-# among TensorFlow's and absl's own output.
-RESULT_PREFIX = "BENCH_FLAGS_RESULT "
-
-
-def time_step(family: str) -> dict:
-  """In this process (its XLA_FLAGS already read): compile and median step."""
-  from experiments import bench_families, bench_rows
-  settings = bench_rows.Settings(repeats=1 if SMOKE.value else REPEATS.value,
-                                 peak_flops=float("nan"), profile_dir=None,
-                                 smoke=SMOKE.value)
-  config = {"clip": bench_families.clip_config,
-            "dit": bench_families.dit_config}[family](settings, DATA_DIR.value)
-  compile_s, seconds = bench_rows.StepBench(config).time_steps(settings, family, {})
-  return {"compile_s": compile_s, "step_ms": 1e3 * seconds}
 
 
 def trial(family: str, flag: str) -> dict:
   """One fresh process timing `family` with `flag` added to XLA_FLAGS."""
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
-  argv = [sys.executable, "-m", "experiments.bench_flags", f"--child={family}",
-          f"--repeats={REPEATS.value}", f"--smoke={SMOKE.value}"]
-  if DATA_DIR.value:
-    argv.append(f"--data_dir={DATA_DIR.value}")
-  run = subprocess.run(argv, env=env, capture_output=True, text=True)
-  out = {"family": family, "flag": flag or "(none)"}
-  for line in run.stdout.splitlines():
-    if line.startswith(RESULT_PREFIX):
-      return {**out, **json.loads(line[len(RESULT_PREFIX):])}
-  # XLA aborts on a flag it does not know; its last words say which.
-  lines = [l for l in run.stderr.splitlines() if l.strip()]
-  last = lines[-1] if lines else f"exit status {run.returncode}"
-  return {**out, "error": last.split("] ", 1)[-1]}  # Without the log line's header.
+  result = bench_process.in_fresh_process(family, env, 1 if SMOKE.value else REPEATS.value,
+                                          SMOKE.value, DATA_DIR.value)
+  return {"family": family, "flag": flag or "(none)", **result}
 
 
 def family_rows(family: str, trial_flags: list[str]) -> list[dict]:
@@ -106,9 +79,6 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
   flags.FLAGS(argv)
-  if CHILD.value:
-    print(RESULT_PREFIX + json.dumps(time_step(CHILD.value)), flush=True)
-    return
   unknown = [f for f in FAMILIES.value if f not in KNOWN]
   if unknown:
     fail(f"unknown --families {unknown}; bench-flags times the train steps of {list(KNOWN)}.")

@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from experiments import bench_peers
+from experiments import bench_peers, bench_process
 from multimodal import flops, measure, sharding, tasks, trainer
 from multimodal.data import pipeline
 
@@ -184,6 +184,28 @@ def before_row(change: str, after: dict, config, settings: Settings, **before_op
              seconds=after["step_ms"] / 1e3, peak_mib=after["peak_mib"],
              peer_name="before: " + ", ".join(f"{k}={v}" for k, v in before_options.items()),
              peer=before.batch_size / seconds, before_peak_mib=measure.peak_memory_mib())
+
+
+def allocator_row(family: str, batch_size: int, settings: Settings,
+                  data_dir: str | None) -> dict:
+  """The train step in two fresh processes (the C library reads its
+  tunables once, at start-up): with this process's environment, which
+  launch.sh gives its malloc tunables, and with GLIBC_TUNABLES unset, as
+  glibc's defaults. Each process also counts the page faults of one step."""
+  without = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  repeats = settings.repeats
+  now, before = (bench_process.in_fresh_process(family, env, repeats, settings.smoke, data_dir)
+                 for env in (dict(os.environ), without))
+  for result in (now, before):
+    if "error" in result:
+      raise RuntimeError(f"the {family} step in a fresh process failed: {result['error']}")
+  return row(f"{family} train step, freed memory kept by malloc", "examples/s",
+             1e3 * batch_size / now["step_ms"], seconds=now["step_ms"] / 1e3,
+             peer_name="before: glibc's default malloc",
+             peer=1e3 * batch_size / before["step_ms"],
+             page_faults_per_step=now["page_faults_per_step"],
+             before_page_faults_per_step=before["page_faults_per_step"],
+             glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def loop_rows(name: str, bench: StepBench, settings: Settings, steps: int) -> list[dict]:

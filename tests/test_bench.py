@@ -2,6 +2,7 @@
 test suite's tiny world): every row of every family runs, with its peer,
 and the table is written as JSON and markdown. No timing is asserted."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ EXPECTED_ROWS = (
     "matmul peak", "clip train step", "clip input pipeline",
     "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
     "clip train loop, 3 steps, metrics fetched every", "clip eval image encoder",
-    "clip zero-shot eval", "dit train step", "dit input pipeline", "dit DDIM sampler",
+    "clip zero-shot eval", "dit train step", "dit input pipeline",
+    "dit train step, freed memory kept by malloc", "dit DDIM sampler",
     "vlm train step", "vlm input pipeline",
     "vlm train step, frozen vision tower not differentiated",
     "vlm decode mu, batch 2, prompt 8, 4 new", "vlm decode mu, batch 2, prompt 8, 8 new")
@@ -46,6 +48,13 @@ def test_bench_smoke(data_dir, tmp_path):
     assert row["peer_name"].startswith("before: ") and row["before_peak_mib"] > 0, row
     after = next(r for r in steps if row["benchmark"].startswith(r["benchmark"]))
     assert row["ours"] == after["ours"], (row, after)
+  # The step in two fresh processes: with this environment's GLIBC_TUNABLES
+  # (launch.sh's malloc tunables) and with glibc's defaults.
+  row = next(r for r in rows if r["benchmark"] == "dit train step, freed memory kept by malloc")
+  assert row["peer_name"] == "before: glibc's default malloc", row
+  assert row["step_ms"] > 0 and row["page_faults_per_step"] >= 0, row
+  assert row["before_page_faults_per_step"] >= 0, row
+  assert row["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", ""), row
   # The frozen tower's backward is not counted, as it is not run: the VLM's
   # FLOPs are under MaxText's 3 x forward, and over 1 x.
   vlm_step = next(r for r in steps if r["benchmark"] == "vlm train step")
