@@ -240,6 +240,19 @@ def _exit_now(code: int) -> None:
   os._exit(code)
 
 
+def wait_for_all(name: str) -> None:
+  """Waits until every process of the job reaches `name` (at most
+  MM_INIT_TIMEOUT seconds). It meets through the coordination service, not
+  the devices: a device collective's first use sets up its gloo context,
+  which gives up after 30 s if a process lags behind, as one still starting
+  up or compiling on a loaded host can. A no-op in a single process."""
+  if not _several_processes():
+    return
+  import jax
+  timeout_s = _timeouts(os.environ)["initialization_timeout"]
+  jax._src.distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def agree(text: str, max_bytes: int = 4096) -> str:
   """Process 0's `text` on every process (e.g. a generated workdir name)."""
   import jax

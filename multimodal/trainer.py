@@ -8,6 +8,7 @@ It knows nothing of any model: all of that is behind the task's interface.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -19,8 +20,8 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from multimodal import (checkpoint, config_lib, optim, preemption, pretrained,
-                        sharding, workdir as workdir_lib)
+from multimodal import (checkpoint, config_lib, distributed, optim, preemption,
+                        pretrained, sharding, workdir as workdir_lib)
 from multimodal.data import pipeline
 from multimodal.metrics_writer import MetricsWriter
 
@@ -305,8 +306,11 @@ def _train(task, config, workdir: str, stop_requests) -> dict:
   step = start_step
   try:
     with sharding.mesh_context(mesh):
+      observed = (stream.observe(batch) for batch in batches)
+      if jax.process_count() > 1 and start_step < total_steps:
+        observed = _compiled_and_met(train_step, state, observed)
       for step in range(start_step + 1, total_steps + 1):
-        state, metrics = train_step(state, stream.observe(next(batches)))
+        state, metrics = train_step(state, next(observed))
         progress.update(1)
         is_last = step == total_steps
         stopping = stop_requests.requested(step)
@@ -345,6 +349,16 @@ def _train(task, config, workdir: str, stop_requests) -> dict:
       json.dump(summary, f, indent=2)
   mngr.close()
   return summary
+
+
+def _compiled_and_met(train_step, state, observed):
+  """`observed` again, after every process has its first batch and its train
+  step compiled: the step's first collectives then find the others there,
+  rather than timing out while one of them still reads or compiles."""
+  first = next(observed)
+  train_step.lower(state, first).compile()  # Shared with train_step's cache.
+  distributed.wait_for_all("multimodal.trainer.first_step")
+  return itertools.chain([first], observed)
 
 
 def restore_latest(task, config, workdir: str, mesh) -> dict:
