@@ -94,10 +94,13 @@ def test_embed_and_search(trained_clip, shapes_folder, tmp_path):
   lines = stdout.splitlines()
   assert lines[0] == "Nearest images:" and lines[1].split() == ["1.0000", query]
   # A text finds images of the colour it names (the tiny model's shape
-  # knowledge is too weak to ask for more), and itself among the texts.
+  # knowledge is too weak to ask for more), and itself among the texts. The
+  # best match is red, and most of the top 5, where chance (8 colours) would
+  # give 0.6 red images: the ranking below the top differs between CPUs
+  # (purple came close to red on an AVX2-only EPYC).
   stdout = cli("experiments.search", f"--index={index_path}", "--text=a red circle.")
   lines = stdout.splitlines()
   top_images = [line.split()[1] for line in lines[1:6]]
-  assert sum("/red_" in p for p in top_images) >= 4, stdout
+  assert "/red_" in top_images[0] and sum("/red_" in p for p in top_images) >= 3, stdout
   texts_at = lines.index("Nearest texts:")
   assert lines[texts_at + 1].split(maxsplit=1) == ["1.0000", "a red circle."]
