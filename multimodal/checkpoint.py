@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from multimodal import distributed
 from multimodal import fingerprint as fingerprint_lib
 
 
@@ -361,9 +362,9 @@ def _set_aside(mngr, steps: list[int]) -> None:
         failed = (step, e)
         break
       print(f"Moved unusable checkpoint step {step} to {target} (kept, not deleted).", file=sys.stderr)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("multimodal.checkpoint._set_aside")
+  # Through the coordination service: a device collective here could be the
+  # run's first, whose gloo context gives up on a process 30 s behind.
+  distributed.wait_for_all("multimodal.checkpoint._set_aside")
   mngr.reload()
   if _agree(int(failed is not None)):
     where = f" ({_brief(failed[1])})" if failed else ""

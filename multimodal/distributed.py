@@ -246,11 +246,19 @@ def wait_for_all(name: str) -> None:
   the devices: a device collective's first use sets up its gloo context,
   which gives up after 30 s if a process lags behind, as one still starting
   up or compiling on a loaded host can. A no-op in a single process."""
-  if not _several_processes():
-    return
   import jax
+  # However the job was started (our initialize or jax.distributed's own).
+  client = jax._src.distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return
+  # Every process meets the same barriers in the same order; numbering them
+  # makes each meeting's id new, so a name can be used more than once.
+  _barriers_met[name] = _barriers_met.get(name, 0) + 1
   timeout_s = _timeouts(os.environ)["initialization_timeout"]
-  jax._src.distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+  client.wait_at_barrier(f"{name}#{_barriers_met[name]}", timeout_s * 1000)
+
+
+_barriers_met: dict[str, int] = {}
 
 
 def agree(text: str, max_bytes: int = 4096) -> str:
