@@ -74,6 +74,7 @@ def get_config(arg=None):
   # Memory for time: microbatches per step (accumulate.py) and which block
   # activations the backward pass recomputes (layers.REMAT_POLICIES).
   c.grad_accum_steps = 1
+  c.grad_accum_unroll = False
   c.remat = "none"
   # "ring" (sigmoid loss only): the loss without the global [B, B] logits.
   c.loss_impl = "dense"

@@ -94,6 +94,7 @@ def get_config(arg=None):
   # Memory for time: microbatches per step (accumulate.py) and which block
   # activations the backward pass recomputes (layers.REMAT_POLICIES).
   c.grad_accum_steps = 1
+  c.grad_accum_unroll = False
   c.remat = "none"
   c.lr = 1e-3
   c.wd = 0.0

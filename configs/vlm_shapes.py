@@ -103,6 +103,7 @@ def get_config(arg=None):
   # Memory for time: microbatches per step (accumulate.py) and which block
   # activations the backward pass recomputes (layers.REMAT_POLICIES).
   c.grad_accum_steps = 1
+  c.grad_accum_unroll = False
   c.remat = "none"
   c.lr = arg.lr or {"lm": 3e-3, "align": 3e-3, "tune": 1e-3}[arg.stage]
   c.wd = 1e-4

@@ -28,6 +28,11 @@ CLIP_SMOKE_TOWER = dict(variant=None, width=32, depth=1, mlp_dim=64, num_heads=2
 DIT_SAMPLER_STEPS, DIT_CFG_SCALE = 50, 3.0
 DECODE_LENGTHS = (32, 64, 128, 256)
 LOOP_STEPS = 20  # Steps per timed run of the training-loop rows.
+# The CLIP and DiT steps as two microbatches written out one after the other
+# (accumulate.py): the same update, and on this CPU faster than the whole
+# batch at once, whose activations outgrow the cache (README, Performance).
+MICROBATCHES = dict(grad_accum_steps=2, grad_accum_unroll=True)
+WHOLE_BATCH = dict(grad_accum_steps=1, grad_accum_unroll=False)
 
 
 def _on_world(config, settings: Settings, data_dir: str | None):
@@ -55,13 +60,15 @@ def matmul_row(peak: dict, settings: Settings) -> dict:
 def clip_config(settings: Settings, data_dir: str | None):
   from configs import clip_shapes
   tower = CLIP_SMOKE_TOWER if settings.smoke else CLIP_TOWER
-  size, patch, text_len, batch = (32, 8, 16, 8) if settings.smoke else (64, 8, 32, 64)
+  # --smoke: 16 examples, so the two microbatches span the suite's 8 devices.
+  size, patch, text_len, batch = (32, 8, 16, 16) if settings.smoke else (64, 8, 32, 64)
   config = clip_shapes.get_config(f"res={size},batch={batch},text_len={text_len}")
   # HF CLIP's layout: a cls token (pool "tok"), a patch stem, causal text
   # pooled at EOS (the config's already).
   config.model.image = dict(**tower, patch_size=(patch, patch), stem="patch",
                             pool_type="tok", posemb="learn")
   config.model.text = dict(**tower, causal=True, pool="eos")
+  config.update(MICROBATCHES)
   return _on_world(config, settings, data_dir)
 
 
@@ -77,6 +84,8 @@ def clip_rows(settings: Settings, data_dir: str | None) -> list[dict]:
           image_size=size, patch_size=image["patch_size"][0], **shape,
           text_len=config.input.tokenizer.max_len, vocab_size=bench.task.tokenizer.vocab_size,
           out_dim=config.model.out_dim, batch=batch))
+  rows.append(before_row("two unrolled microbatches", rows[0], config, settings,
+                         config_before=WHOLE_BATCH))
   rows.append(before_row("buffers donated", rows[0], config, settings, donate=False))
   if not settings.smoke:  # Two more processes; the suite's smoke run has DiT's.
     rows.append(allocator_row("clip", batch, settings, data_dir))
@@ -117,9 +126,13 @@ def _clip_eval_rows(bench, settings: Settings, shape: dict) -> list[dict]:
 # DiT.
 
 
+
+
 def dit_config(settings: Settings, data_dir: str | None):
   from configs import dit_shapes
-  config = dit_shapes.get_config("variant=mu/2,batch=8" if settings.smoke else None)
+  # --smoke: 16 examples, so the two microbatches span the suite's 8 devices.
+  config = dit_shapes.get_config("variant=mu/2,batch=16" if settings.smoke else None)
+  config.update(MICROBATCHES)
   return _on_world(config, settings, data_dir)
 
 
@@ -135,6 +148,8 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
       "dit", config, settings, peer_name="diffusers DiTTransformer2DModel",
       peer_factory=lambda bench: bench_peers.dit_train_step(
           **shape, batch=batch, ema_decay=config.get("ema_decay")))
+  rows.append(before_row("two unrolled microbatches", rows[0], config, settings,
+                         config_before=WHOLE_BATCH))
   rows.append(allocator_row("dit", batch, settings, data_dir))
   steps = 2 if settings.smoke else DIT_SAMPLER_STEPS
   sample = bench.task.sampler(bench.mesh, steps=steps, cfg_scale=DIT_CFG_SCALE)

@@ -172,17 +172,23 @@ def train_rows(name: str, config, settings: Settings, peer_name: str | None = No
   return [step_row, pipeline_row], bench
 
 
-def before_row(change: str, after: dict, config, settings: Settings, **before_options) -> dict:
+def before_row(change: str, after: dict, config, settings: Settings, *,
+               config_before: dict | None = None, **before_options) -> dict:
   """A speed change's before/after row: the train step as it runs now
   (`after`, a train_rows step row) beside the step built with
-  `before_options`, which undo the change. The "peer" is the old code, so
+  `before_options` (make_train_step's switches) and/or the config keys
+  `config_before`, which undo the change. The "peer" is the old code, so
   ours/peer is the speed-up; peak memory is reported for both."""
+  undone = {**(config_before or {}), **before_options}
+  if config_before:
+    config = config.copy_and_resolve_references()
+    config.update(config_before)
   measure.reset_peak_memory()
   before = StepBench(config, **before_options)
   _, seconds = before.time_steps(dataclasses.replace(settings, profile_dir=None), "", {})
   return row(f"{after['benchmark']}, {change}", "examples/s", after["ours"],
              seconds=after["step_ms"] / 1e3, peak_mib=after["peak_mib"],
-             peer_name="before: " + ", ".join(f"{k}={v}" for k, v in before_options.items()),
+             peer_name="before: " + ", ".join(f"{k}={v}" for k, v in undone.items()),
              peer=before.batch_size / seconds, before_peak_mib=measure.peak_memory_mib())
 
 

@@ -14,6 +14,14 @@ one microbatch at a time, and the update equals the large-batch step's
 Microbatch j holds rows j, j+k, j+2k, ...: every device keeps its own rows
 and takes part in every microbatch, rather than one device's block of rows
 being one microbatch that only it would compute.
+
+`config.grad_accum_unroll = True` writes the k microbatches out one after
+another instead of as a loop (`lax.scan(unroll=True)`): the same arithmetic,
+but XLA schedules and fuses across microbatches and drops the loop's carry
+copies. It is a speed setting, not a memory one: XLA may then keep more than
+one microbatch's activations alive. On this CPU, DiT's step at batch 64 is
+fastest as two unrolled halves (README, Performance): a half batch's
+activations stay in cache, which the whole batch's do not.
 """
 from __future__ import annotations
 
@@ -42,10 +50,11 @@ def merge(x):
   return _constrain(jnp.swapaxes(x, 0, 1).reshape((k * b,) + x.shape[2:]), 0)
 
 
-def mean_loss_and_grads(loss_fn, params, batch, rng, k: int):
+def mean_loss_and_grads(loss_fn, params, batch, rng, k: int, unroll: bool = False):
   """((loss, metrics), grads) of `loss_fn(params, batch, rng)`, averaged over
-  k microbatches computed one after another (a scan); k = 1 is the plain
-  `jax.value_and_grad`. Microbatch j gets `fold_in(rng, j)`."""
+  k microbatches computed one after another (a scan, unrolled if `unroll`);
+  k = 1 is the plain `jax.value_and_grad`. Microbatch j gets
+  `fold_in(rng, j)`."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if k == 1:
     return grad_fn(params, batch, rng)
@@ -59,5 +68,5 @@ def mean_loss_and_grads(loss_fn, params, batch, rng, k: int):
   first = jax.tree.map(lambda x: x[0], micro)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(grad_fn, params, first, rng))
-  total, _ = jax.lax.scan(step, zeros, (jnp.arange(k), micro))
+  total, _ = jax.lax.scan(step, zeros, (jnp.arange(k), micro), unroll=unroll)
   return jax.tree.map(lambda x: x / k, total)

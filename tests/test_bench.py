@@ -10,9 +10,9 @@ from conftest import ROOT
 
 EXPECTED_ROWS = (
     "matmul peak", "clip train step", "clip input pipeline",
-    "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
+    "clip train step, two unrolled microbatches", "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
     "clip train loop, 3 steps, metrics fetched every", "clip eval image encoder",
-    "clip zero-shot eval", "dit train step", "dit input pipeline",
+    "clip zero-shot eval", "dit train step", "dit input pipeline", "dit train step, two unrolled microbatches",
     "dit train step, freed memory kept by malloc", "dit DDIM sampler",
     "vlm train step", "vlm input pipeline",
     "vlm train step, frozen vision tower not differentiated",
@@ -43,7 +43,8 @@ def test_bench_smoke(data_dir, tmp_path):
     assert row["model_gflop"] > 0 and 0 < row["mfu"]
   # A before/after row sets the step as it runs now beside the step with
   # the change undone.
-  for change in ("buffers donated", "frozen vision tower not differentiated"):
+  for change in ("buffers donated", "two unrolled microbatches",
+                 "frozen vision tower not differentiated"):
     row = next(r for r in rows if r["benchmark"].endswith(change))
     assert row["peer_name"].startswith("before: ") and row["before_peak_mib"] > 0, row
     after = next(r for r in steps if row["benchmark"].startswith(r["benchmark"]))

@@ -117,6 +117,21 @@ def test_gradient_accumulation_equals_the_large_batch_step(family):
                    reference)
 
 
+def test_unrolled_accumulation_equals_the_large_batch_step(family):
+  """config.grad_accum_unroll writes the microbatches out instead of looping
+  over them (the bench's DiT and CLIP steps): the same update. DiT takes
+  the generic path, CLIP its own (each tower once per microbatch, VJPs kept)."""
+  name, task, config, batch, reference = family
+  if name not in ("dit", "clip"):
+    pytest.skip("one family per accumulation path")
+  config = config.copy_and_resolve_references()
+  config.grad_accum_steps = 2
+  config.grad_accum_unroll = True
+  config.mesh = MESHES["data=2,fsdp=2,tensor=2"]
+  assert_same_step(one_step(task, config, sharding.make_mesh(config.mesh), batch),
+                   reference)
+
+
 def test_frozen_towers_skip_their_backward_pass_and_the_step_is_unchanged(family):
   """The vision tower frozen (LiT): the step that does not differentiate it
   (optim.without_frozen_gradients) updates the rest as the step that did,

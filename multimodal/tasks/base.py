@@ -86,7 +86,7 @@ class Task(abc.ABC):
     (optim.without_frozen_gradients)."""
     return accumulate.mean_loss_and_grads(
         optim.without_frozen_gradients(self.loss_fn, freeze), params, batch, rng,
-        microbatches)
+        microbatches, unroll=bool(self.config.get("grad_accum_unroll")))
 
   def pretrained_params(self) -> list[tuple[str, dict]]:
     """(where from, nested dict of host arrays) pairs that replace parts of a

@@ -103,7 +103,11 @@ class ContrastiveTask(base.Task):
        (and to the temperature and bias);
     3. each microbatch again, pulling its slice of that gradient back
        through the towers (a VJP), summed over microbatches.
-    Towers run forward twice; activations live for one microbatch."""
+    Towers run forward twice; activations live for one microbatch.
+
+    With config.grad_accum_unroll the microbatches are written out instead
+    (a speed setting): each tower runs forward once per microbatch and its
+    VJP keeps the activations for step 3, so no forward runs twice."""
     if microbatches == 1:
       return super().loss_and_grads(params, batch, rng, microbatches, freeze)
     micro = accumulate.split(batch, microbatches)
@@ -114,13 +118,22 @@ class ContrastiveTask(base.Task):
           {"params": p}, microbatch["image"], microbatch["tokens"], train=True)
       return zimg, ztxt
 
-    zimg, ztxt = jax.lax.map(lambda m: towers(params, m), micro)  # [k, b, D] each.
-
     @functools.partial(optim.without_frozen_gradients, freeze=freeze)
     def head(p, zimg, ztxt):
       _, _, aux = self.model.apply({"params": p}, None, None, train=True)
       return self._contrastive(accumulate.merge(zimg), accumulate.merge(ztxt), aux)
 
+    if self.config.get("grad_accum_unroll"):
+      pieces = [jax.tree.map(lambda x, j=j: x[j], micro) for j in range(microbatches)]
+      embedded, vjps = zip(*(jax.vjp(lambda p, m=m: towers(p, m), params) for m in pieces))
+      zimg, ztxt = (jnp.stack(z) for z in zip(*embedded))  # [k, b, D] each.
+      (loss, metrics), (grads, dzimg, dztxt) = jax.value_and_grad(
+          head, argnums=(0, 1, 2), has_aux=True)(params, zimg, ztxt)
+      for j, vjp in enumerate(vjps):
+        grads = jax.tree.map(jnp.add, grads, vjp((dzimg[j], dztxt[j]))[0])
+      return (loss, metrics), grads
+
+    zimg, ztxt = jax.lax.map(lambda m: towers(params, m), micro)  # [k, b, D] each.
     (loss, metrics), (grads, dzimg, dztxt) = jax.value_and_grad(
         head, argnums=(0, 1, 2), has_aux=True)(params, zimg, ztxt)
 
