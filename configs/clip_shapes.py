@@ -61,7 +61,10 @@ def get_config(arg=None):
   # "gap" (zero-shot 0.97 vs 0.95; README, "Vision-language model").
   c.model.image = dict(variant=arg.variant, stem=arg.stem, pool_type=arg.pool,
                        posemb="learn")
-  c.model.text = dict(variant=arg.text_variant, causal=True, pool="eos")
+  # The last text block computes the EOS token alone, all the loss reads:
+  # the same embeddings for 1/depth less of the tower's work (models/text.py).
+  c.model.text = dict(variant=arg.text_variant, causal=True, pool="eos",
+                      last_block_pooled_only=True)
   c.model.out_dim = 128
   if arg.loss == "softmax":
     c.model.temperature_init = 1 / 0.07

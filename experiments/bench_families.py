@@ -64,10 +64,11 @@ def clip_config(settings: Settings, data_dir: str | None):
   size, patch, text_len, batch = (32, 8, 16, 16) if settings.smoke else (64, 8, 32, 64)
   config = clip_shapes.get_config(f"res={size},batch={batch},text_len={text_len}")
   # HF CLIP's layout: a cls token (pool "tok"), a patch stem, causal text
-  # pooled at EOS (the config's already).
+  # pooled at EOS (the config's already). Each tower's last block computes
+  # the pooled token alone, all the loss reads (the same embeddings).
   config.model.image = dict(**tower, patch_size=(patch, patch), stem="patch",
-                            pool_type="tok", posemb="learn")
-  config.model.text = dict(**tower, causal=True, pool="eos")
+                            pool_type="tok", posemb="learn", last_block_pooled_only=True)
+  config.model.text = dict(**tower, causal=True, pool="eos", last_block_pooled_only=True)
   config.update(MICROBATCHES)
   return _on_world(config, settings, data_dir)
 
@@ -86,6 +87,9 @@ def clip_rows(settings: Settings, data_dir: str | None) -> list[dict]:
           out_dim=config.model.out_dim, batch=batch))
   rows.append(before_row("two unrolled microbatches", rows[0], config, settings,
                          config_before=WHOLE_BATCH))
+  rows.append(before_row("last blocks on the pooled tokens only", rows[0], config, settings,
+                         config_before={f"model.{tower}.last_block_pooled_only": False
+                                        for tower in ("image", "text")}))
   rows.append(before_row("buffers donated", rows[0], config, settings, donate=False))
   if not settings.smoke:  # Two more processes; the suite's smoke run has DiT's.
     rows.append(allocator_row("clip", batch, settings, data_dir))

@@ -176,13 +176,13 @@ def before_row(change: str, after: dict, config, settings: Settings, *,
                config_before: dict | None = None, **before_options) -> dict:
   """A speed change's before/after row: the train step as it runs now
   (`after`, a train_rows step row) beside the step built with
-  `before_options` (make_train_step's switches) and/or the config keys
-  `config_before`, which undo the change. The "peer" is the old code, so
-  ours/peer is the speed-up; peak memory is reported for both."""
+  `before_options` (make_train_step's switches) and/or the config values
+  `config_before` (dotted keys), which undo the change. The "peer" is the
+  old code, so ours/peer is the speed-up; peak memory is reported for both."""
   undone = {**(config_before or {}), **before_options}
   if config_before:
     config = config.copy_and_resolve_references()
-    config.update(config_before)
+    config.update_from_flattened_dict(config_before)
   measure.reset_peak_memory()
   before = StepBench(config, **before_options)
   _, seconds = before.time_steps(dataclasses.replace(settings, profile_dir=None), "", {})

@@ -98,6 +98,18 @@ def _pair(size) -> tuple[int, int]:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def _encoder_flops(depth: int, tokens: int, width: int, mlp_dim: int, num_heads: int,
+                   last_block_pooled_only: bool) -> int:
+  """layers.Encoder: `depth` blocks over `tokens`; with
+  last_block_pooled_only, the last one computes one query (keys and values
+  are still projected from every token)."""
+  block = lambda queries: transformer_block_flops(
+      queries, width, mlp_dim, num_heads, width // num_heads, kv_tokens=tokens)
+  if last_block_pooled_only:
+    return (depth - 1) * block(tokens) + block(1)
+  return depth * block(tokens)
+
+
 def _vit_tokens(model: vit.ViT, cfg: dict, image_size) -> tuple[int, int]:
   """(patches, encoder sequence length) of a ViT on image_size."""
   h, w = _pair(image_size)
@@ -144,7 +156,7 @@ def vit_flops(tower: dict, image_size, channels: int = IMAGE_CHANNELS) -> int:
     flops = _conv_stem_flops(width, (ph, pw), h, w, channels)
   else:
     raise ValueError(f"Unknown stem {model.stem!r}")
-  flops += depth * transformer_block_flops(tokens, width, mlp_dim, heads, width // heads)
+  flops += _encoder_flops(depth, tokens, width, mlp_dim, heads, model.last_block_pooled_only)
   if model.pool_type == "map":  # One learned probe attends over every token.
     flops += transformer_block_flops(1, width, mlp_dim, heads, width // heads,
                                      kv_tokens=tokens)
@@ -162,7 +174,8 @@ def text_flops(tower: dict, length: int) -> int:
   cfg = model._config()
   width, heads = cfg["width"], cfg["num_heads"]
   mlp_dim = cfg["mlp_dim"] or 4 * width
-  flops = cfg["depth"] * transformer_block_flops(length, width, mlp_dim, heads, width // heads)
+  flops = _encoder_flops(cfg["depth"], length, width, mlp_dim, heads,
+                         model.last_block_pooled_only)
   if model.num_classes:
     flops += dense_flops(1, width, model.num_classes)
   return flops
@@ -265,7 +278,8 @@ def _dit_forward(config, batch_size: int) -> int:
   per_example, text_len = 0, None
   if m.get("conditioning", "class") == "text":
     clip_config = _run_config(m.text_encoder)
-    tower = _text_tower(clip_config)
+    # As tasks/text_encoder.py builds it: every token encoded, not only the pooled.
+    tower = {**_text_tower(clip_config), "last_block_pooled_only": False}
     text_len = clip_config.input.tokenizer.max_len
     width = text.TextTransformer(**{"vocab_size": 0, **tower})._config()["width"]
     kwargs.update(num_classes=None, text_dim=clip_config.model.out_dim,
@@ -299,7 +313,8 @@ def _vlm_forward(config, batch_size: int) -> int:
   per_example = 0
   if config.stage != "lm":  # Stage "lm" is the text-only LM.
     vision = _run_config(config.model.vision)
-    image = {**_as_dict(vision.model.image), "num_classes": None, "pool_type": "none"}
+    image = {**_as_dict(vision.model.image), "num_classes": None, "pool_type": "none",
+             "last_block_pooled_only": False}  # As vlm.VisionLanguageModel.
     image.pop("projection", None)  # A TwoTowers key, not a ViT field.
     size = vision.input.image_size
     vision_width = vit.ViT(**image)._config()["width"]

@@ -10,7 +10,8 @@ from conftest import ROOT
 
 EXPECTED_ROWS = (
     "matmul peak", "clip train step", "clip input pipeline",
-    "clip train step, two unrolled microbatches", "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
+    "clip train step, two unrolled microbatches",
+    "clip train step, last blocks on the pooled tokens only", "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
     "clip train loop, 3 steps, metrics fetched every", "clip eval image encoder",
     "clip zero-shot eval", "dit train step", "dit input pipeline", "dit train step, two unrolled microbatches",
     "dit train step, freed memory kept by malloc", "dit DDIM sampler",
@@ -44,6 +45,7 @@ def test_bench_smoke(data_dir, tmp_path):
   # A before/after row sets the step as it runs now beside the step with
   # the change undone.
   for change in ("buffers donated", "two unrolled microbatches",
+                 "last blocks on the pooled tokens only",
                  "frozen vision tower not differentiated"):
     row = next(r for r in rows if r["benchmark"].endswith(change))
     assert row["peer_name"].startswith("before: ") and row["before_peak_mib"] > 0, row

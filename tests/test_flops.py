@@ -70,7 +70,8 @@ def test_tiny_decoder_by_hand(tied):
     dict(TINY_VIT, pool_type="none", num_classes=5, posemb="sincos2d"),
     dict(TINY_VIT, stem="conv", width=32, mlp_dim=48, pool_type="gap"),
     dict(variant="mu/8", stem="conv", pool_type="tok", num_classes=None),
-], ids=["tok", "gap-remat", "map", "none-head", "convstem", "mu8-conv"])
+    dict(TINY_VIT, pool_type="tok", last_block_pooled_only=True, remat="full"),
+], ids=["tok", "gap-remat", "map", "none-head", "convstem", "mu8-conv", "tok-last-pooled"])
 def test_vit_matches_jaxpr(tower):
   image = jnp.zeros((2, 16, 16, 3))
   assert traced_flops(vit.ViT(**tower), image) == 2 * flops.vit_flops(tower, 16)
@@ -93,6 +94,7 @@ def test_decoder_matches_jaxpr(lm):
 @pytest.mark.parametrize("tower", [
     dict(width=16, depth=2, num_heads=2, causal=True, pool="eos", num_classes=12),
     dict(variant="mu", pool="gap"),
+    dict(width=16, depth=2, num_heads=2, causal=True, pool="eos", last_block_pooled_only=True),
 ])
 def test_text_matches_jaxpr(tower):
   tokens = jnp.zeros((2, 9), jnp.int32)
@@ -126,10 +128,11 @@ def test_xla_cost_analysis_bounds_the_count():
 # --- 4. Real configs: the tasks' losses, built as the tasks build them ------
 
 
-def reference_clip_config():
+def reference_clip_config(last_block_pooled_only: bool = False):
   """Both towers width 192, depth 6, 3 heads, MLP 768; 64 px, patch 8; text 32."""
   config = clip_shapes.get_config()
-  sizes = dict(variant=None, width=192, depth=6, mlp_dim=768, num_heads=3)
+  sizes = dict(variant=None, width=192, depth=6, mlp_dim=768, num_heads=3,
+               last_block_pooled_only=last_block_pooled_only)
   config.model.image = dict(sizes, patch_size=(8, 8), stem="patch", pool_type="tok")
   config.model.text = dict(sizes, causal=True, pool="eos")
   config.input.tokenizer.max_len = 32
@@ -146,9 +149,10 @@ def clip_model(config):
       bias_init=config.model.get("bias_init"))
 
 
-@pytest.mark.parametrize("get_config", [clip_shapes.get_config, siglip_shapes.get_config,
-                                        reference_clip_config],
-                         ids=["clip_shapes", "siglip_shapes", "reference"])
+@pytest.mark.parametrize("get_config", [
+    clip_shapes.get_config, siglip_shapes.get_config, reference_clip_config,
+    lambda: reference_clip_config(last_block_pooled_only=True),
+], ids=["clip_shapes", "siglip_shapes", "reference", "reference-last-block-pooled"])
 def test_clip_config_matches_jaxpr(get_config):
   config = get_config()
   model, b, size = clip_model(config), config.input.batch_size, config.input.image_size
@@ -171,6 +175,12 @@ def test_reference_clip_number():
   # Per example: image 369,283,584 (65 tokens) + text 174,637,056 (32 tokens);
   # x 64, + the 64 x 64 x 128 logits; x 3 for training.
   assert flops.train_step_flops(reference_clip_config()) == 104_435_908_608
+  # The last block on the pooled token alone: image 318,902,784 (its last
+  # block 10,371,840 instead of 60,752,640: the K and V projections of all
+  # 65 tokens, the rest for one), text 151,019,520 (5,480,448 instead of
+  # 29,097,984).
+  pooled = reference_clip_config(last_block_pooled_only=True)
+  assert flops.train_step_flops(pooled) == 90_228_228_096
 
 
 def dit_loss(model, config, condition_fn):
@@ -201,7 +211,8 @@ def test_dit_config_matches_jaxpr(arg):
   else:  # The frozen text tower of the CLIP config the DiT config names.
     clip = clip_shapes.get_config()
     tower = two_towers.text_tower(
-        {**clip.model.text.to_dict(), "vocab_size": clip.input.tokenizer.vocab_size},
+        {**clip.model.text.to_dict(), "vocab_size": clip.input.tokenizer.vocab_size,
+         "last_block_pooled_only": False},
         clip.model.out_dim)
     condition = jnp.zeros((b, clip.input.tokenizer.max_len), jnp.int32)
     model = dit.DiT(variant=m.variant, num_classes=None, learn_sigma=m.learn_sigma,

@@ -232,6 +232,20 @@ class Attention(nn.Module):
     return jnp.einsum("bqhk,hkd->bqd", y, ko.astype(self.dtype)) + bo.astype(self.dtype)
 
 
+def take_tokens(x, positions):
+  """(B, L, D) tokens, (B, Q) int positions -> (B, Q, D)."""
+  return jnp.take_along_axis(x, positions[:, :, None], axis=1)
+
+
+def query_rows(mask, positions):
+  """The rows of an attention mask (broadcastable to (B, H, L, L)) for the
+  queries at (B, Q) `positions`: (B, H|1, Q, L)."""
+  if mask is None or mask.shape[2] == 1:  # The same for every query.
+    return mask
+  mask = jnp.broadcast_to(mask, positions.shape[:1] + mask.shape[1:])
+  return jnp.take_along_axis(mask, positions[:, None, :, None], axis=2)
+
+
 class EncoderBlock(nn.Module):
   """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
   mlp_dim: int | None = None
@@ -242,10 +256,14 @@ class EncoderBlock(nn.Module):
   norm_eps: float = LN_EPS
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic: bool = True):
+  def __call__(self, x, mask=None, deterministic: bool = True, queries=None):
+    """`queries` (B, Q) int: compute only those positions, which attend over
+    every token as before; returns (B, Q, width) instead of (B, L, width)."""
     y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
+    if queries is not None:
+      x, mask = take_tokens(x, queries), query_rows(mask, queries)
     y = Attention(self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(
-        y, mask=mask)
+        y if queries is None else take_tokens(y, queries), y, mask=mask)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = nn.with_logical_constraint(x + y, RESIDUAL)
 
@@ -308,14 +326,18 @@ class Encoder(nn.Module):
   norm_eps: float = LN_EPS
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic: bool = True):
-    # (self, x, mask, deterministic): `deterministic` is a Python bool.
+  def __call__(self, x, mask=None, deterministic: bool = True, last_queries=None):
+    """`last_queries` (B, Q) int: the last block computes only those
+    positions (a pooled token, when nothing reads the others), and the
+    output and its "blocks" entry are (B, Q, width)."""
+    # (self, x, mask, deterministic, queries): `deterministic` is a Python bool.
     block_cls = remat(EncoderBlock, self.remat, static_argnums=(3,))
     blocks = {}
     for i in range(self.depth):
+      queries = last_queries if i == self.depth - 1 else None
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
                     self.mlp_activation, self.norm_eps,
-                    name=f"encoderblock_{i}")(x, mask, deterministic)
+                    name=f"encoderblock_{i}")(x, mask, deterministic, queries)
       blocks[f"block{i:02d}"] = x
     return layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), blocks
 

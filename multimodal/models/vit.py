@@ -70,6 +70,12 @@ class ViT(nn.Module):
   epsilon of every LayerNorm in the tower. The encoder's final LN is applied
   per token before pooling, so for pool_type="tok" it equals CLIP's
   post_layernorm of the cls token, and for "map" SigLIP's post_layernorm.
+
+  ``last_block_pooled_only`` (pool_type="tok"): the last block computes the
+  cls token alone, the only one pooling reads (it still attends over every
+  token): the same output for about 1/depth less work. ``aux`` then has no
+  "encoded" and no last entry in "blocks"; modules that read the tokens (a
+  VLM's image tower) build the tower with it off.
   """
   num_classes: int | None = None
   variant: str | None = None
@@ -90,6 +96,7 @@ class ViT(nn.Module):
   head_bias: bool = True
   mlp_activation: str = "gelu_tanh"
   norm_eps: float = layers.LN_EPS
+  last_block_pooled_only: bool = False
 
   def _config(self) -> dict:
     cfg = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
@@ -106,6 +113,10 @@ class ViT(nn.Module):
       raise ValueError(f"Unknown pool_type {self.pool_type!r}")
     if self.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"Unknown posemb {self.posemb!r}")
+    if self.last_block_pooled_only and self.pool_type != "tok":
+      raise ValueError(
+          f"last_block_pooled_only needs pool_type='tok' (one pooled token), "
+          f"not {self.pool_type!r}: set it False, or pool_type='tok'.")
     aux = {}
 
     if self.stem == "patch":
@@ -139,16 +150,19 @@ class ViT(nn.Module):
     aux["embedded"] = x[:, x.shape[1] - num_patches:]
     x = nn.Dropout(self.dropout)(x, not train)
 
+    ntok = x.shape[1] - num_patches
+    cls_only = jnp.zeros((n, 1), jnp.int32) if self.last_block_pooled_only else None
     x, blocks = layers.Encoder(
         depth=cfg["depth"], mlp_dim=cfg["mlp_dim"], num_heads=cfg["num_heads"],
         dropout=self.dropout, remat=self.remat, dtype=self.dtype,
         mlp_activation=self.mlp_activation, norm_eps=self.norm_eps, name="Transformer",
-    )(x, deterministic=not train)
+    )(x, deterministic=not train, last_queries=cls_only)
+    if self.last_block_pooled_only:  # x: the cls token alone, (B, 1, width).
+      blocks.pop(f"block{cfg['depth'] - 1:02d}")
+    else:
+      aux["encoded"] = x[:, ntok:]
     # Drop the cls token so every tap is a clean (B, N, width) patch grid.
-    ntok = x.shape[1] - num_patches
     aux["blocks"] = {k: v[:, ntok:] for k, v in blocks.items()}
-    encoded = x[:, ntok:]
-    aux["encoded"] = encoded
 
     if self.pool_type == "tok":
       x = x[:, 0]

@@ -108,7 +108,7 @@ class VisionLanguageModel(nn.Module):
     # image=None: the LM alone (the text-only "lm" stage); no image tokens.
     self.img = (None if self.image is None else
                 ViT(**{**self.image, "num_classes": None, "pool_type": "none",
-                       "dtype": self.dtype}))
+                       "last_block_pooled_only": False, "dtype": self.dtype}))
     self.llm = decoder.Decoder(**{**self.lm, "dtype": self.dtype})
     self.projector = Projector(self.projector_type, self.llm._config()["width"], self.dtype)
 
