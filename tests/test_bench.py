@@ -10,7 +10,6 @@ from conftest import ROOT
 
 EXPECTED_ROWS = (
     "matmul peak", "clip train step", "clip input pipeline",
-    "clip train step, two unrolled microbatches",
     "clip train step, last blocks on the pooled tokens only", "clip train step, buffers donated", "clip train loop, 3 steps, batches prefetched",
     "clip train loop, 3 steps, metrics fetched every", "clip eval image encoder",
     "clip zero-shot eval", "dit train step", "dit input pipeline", "dit train step, two unrolled microbatches",
