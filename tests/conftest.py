@@ -163,9 +163,9 @@ E2E_WORLD = dict(image_size=64, train_examples=4_000, eval_examples=300, seed=0)
 
 @pytest.fixture(scope="session")
 def trained_clip(data_dir, tmp_path_factory):
-  """A tiny CLIP trained through the command line (1800 steps, ~4 minutes),
-  once per session, for every slow test that needs a trained checkpoint:
-  (its workdir, the finished training process)."""
+  """A tiny CLIP trained through the command line (1800 steps, about 12
+  minutes on 2 CPU cores), once per session, for every slow test that needs
+  a trained checkpoint: (its workdir, the finished training process)."""
   import subprocess
   import sys
   workdir = tmp_path_factory.mktemp("trained_clip") / "run"
