@@ -128,8 +128,6 @@ def _clip_eval_rows(bench, settings: Settings, shape: dict) -> list[dict]:
 # DiT.
 
 
-
-
 def dit_config(settings: Settings, data_dir: str | None):
   from configs import dit_shapes
   # --smoke: 16 examples, so the two microbatches span the suite's 8 devices.
