@@ -279,7 +279,7 @@ def _dit_forward(config, batch_size: int) -> int:
   if m.get("conditioning", "class") == "text":
     clip_config = _run_config(m.text_encoder)
     # As tasks/text_encoder.py builds it: every token encoded, not only the pooled.
-    tower = {**_text_tower(clip_config), "last_block_pooled_only": False}
+    tower = two_towers.every_token_encoded(_text_tower(clip_config))
     text_len = clip_config.input.tokenizer.max_len
     width = text.TextTransformer(**{"vocab_size": 0, **tower})._config()["width"]
     kwargs.update(num_classes=None, text_dim=clip_config.model.out_dim,
@@ -313,8 +313,8 @@ def _vlm_forward(config, batch_size: int) -> int:
   per_example = 0
   if config.stage != "lm":  # Stage "lm" is the text-only LM.
     vision = _run_config(config.model.vision)
-    image = {**_as_dict(vision.model.image), "num_classes": None, "pool_type": "none",
-             "last_block_pooled_only": False}  # As vlm.VisionLanguageModel.
+    image = two_towers.every_token_encoded(  # As vlm.VisionLanguageModel.
+        {**_as_dict(vision.model.image), "num_classes": None, "pool_type": "none"})
     image.pop("projection", None)  # A TwoTowers key, not a ViT field.
     size = vision.input.image_size
     vision_width = vit.ViT(**image)._config()["width"]

@@ -33,6 +33,14 @@ def tower_kwargs(tower: dict, out_dim: int, dtype: Dtype) -> dict:
           "num_classes": out_dim if projection else None}
 
 
+def every_token_encoded(tower: dict) -> dict:
+  """`tower` (a ViT or TextTransformer's fields) built to encode every token
+  through its last block, for a reader of them all (the VLM's image tokens, a
+  DiT's text conditioning), not only the pooled one a contrastive loss reads
+  (`last_block_pooled_only`)."""
+  return {**tower, "last_block_pooled_only": False}
+
+
 def _check_unprojected(module, out_dim: int, which: str) -> None:
   if module.num_classes is None and module._config()["width"] != out_dim:
     raise ValueError(f"the {which} tower has projection=False, so its width "

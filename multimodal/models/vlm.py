@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from multimodal.models import decoder, decoding, layers
+from multimodal.models import decoder, decoding, layers, two_towers
 from multimodal.models.vit import ViT
 
 PROJECTORS = ("linear", "mlp", "conv", "block")
@@ -107,8 +107,9 @@ class VisionLanguageModel(nn.Module):
   def setup(self):
     # image=None: the LM alone (the text-only "lm" stage); no image tokens.
     self.img = (None if self.image is None else
-                ViT(**{**self.image, "num_classes": None, "pool_type": "none",
-                       "last_block_pooled_only": False, "dtype": self.dtype}))
+                ViT(**two_towers.every_token_encoded(
+                    {**self.image, "num_classes": None, "pool_type": "none",
+                     "dtype": self.dtype})))
     self.llm = decoder.Decoder(**{**self.lm, "dtype": self.dtype})
     self.projector = Projector(self.projector_type, self.llm._config()["width"], self.dtype)
 

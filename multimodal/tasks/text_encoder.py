@@ -44,10 +44,9 @@ class FrozenTextEncoder:
     self.clip_task = clip.ContrastiveTask(self.config)
     self.tokenizer = self.clip_task.tokenizer
     self.max_len = self.clip_task.max_len
-    # Every token's encoding, which the conditioned model reads, not only
-    # the pooled one (TextTransformer.last_block_pooled_only).
+    # Every token's encoding, which the conditioned model reads.
     self.module = two_towers.text_tower(
-        {**self.clip_task.model.text, "last_block_pooled_only": False},
+        two_towers.every_token_encoded(self.clip_task.model.text),
         self.clip_task.model.out_dim)
     self.out_dim = self.clip_task.model.out_dim
     self.width = self.module._config()["width"]
