@@ -106,6 +106,9 @@ def get_config(arg=None):
   c.grad_accum_steps = 1
   c.grad_accum_unroll = False
   c.remat = "none"
+  # Sampling: rows per model call of the guided (doubled) batch, which goes
+  # through the model in that many at a time; the same samples. 0: all at once.
+  c.sample_microbatch_size = 0
   c.lr = 1e-4
   c.wd = 0.0
   c.wd_mask = r".*/kernel"  # Moot at wd=0; kept so --config.wd=... decays kernels only.

@@ -6,6 +6,7 @@ shape on a tiny shapes world, so the test suite can run every code path.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -133,6 +134,8 @@ def dit_config(settings: Settings, data_dir: str | None):
   # --smoke: 16 examples, so the two microbatches span the suite's 8 devices.
   config = dit_shapes.get_config("variant=mu/2,batch=16" if settings.smoke else None)
   config.update(MICROBATCHES)
+  if settings.smoke:  # The guided batch of 32 rows in parts, as in full mode.
+    config.sample_microbatch_size = 8
   return _on_world(config, settings, data_dir)
 
 
@@ -151,23 +154,42 @@ def dit_rows(settings: Settings, data_dir: str | None) -> list[dict]:
   rows.append(before_row("two unrolled microbatches", rows[0], config, settings,
                          config_before=WHOLE_BATCH))
   rows.append(allocator_row("dit", batch, settings, data_dir))
-  steps = 2 if settings.smoke else DIT_SAMPLER_STEPS
-  sample = bench.task.sampler(bench.mesh, steps=steps, cfg_scale=DIT_CFG_SCALE)
-  labels = np.arange(batch, dtype=np.int32) % config.model.num_classes
+  return rows + _dit_sampler_rows(bench, settings, shape)
+
+
+def _dit_sampler_rows(bench, settings: Settings, shape: dict) -> list[dict]:
+  """The DDIM sampler with guidance (vs diffusers' DiTPipeline loop), and
+  its before/after row for the model calls in microbatches."""
+  batch, steps = bench.batch_size, 2 if settings.smoke else DIT_SAMPLER_STEPS
+  labels = np.arange(batch, dtype=np.int32) % bench.config.model.num_classes
   condition = bench.task.condition_for_labels(labels)
   params = trainer.eval_params(bench.state)
-  with sharding.mesh_context(bench.mesh):
-    measure.reset_peak_memory()
-    _, compile_s = measure.compile_seconds(sample, params, condition)
-    run = lambda: measure.block(sample(params, condition))
-    steps_per_s, seconds, profile = timed_and_profiled(run, steps, settings, "dit_sampler")
+
+  def timed(microbatch_size=None, profile_as=""):
+    sample = bench.task.sampler(bench.mesh, steps=steps, cfg_scale=DIT_CFG_SCALE,
+                                microbatch_size=microbatch_size)
+    with sharding.mesh_context(bench.mesh):
+      measure.reset_peak_memory()
+      _, compile_s = measure.compile_seconds(sample, params, condition)
+      run = lambda: measure.block(sample(params, condition))
+      steps_per_s, seconds, profile = timed_and_profiled(
+          run, steps, settings if profile_as else dataclasses.replace(settings, profile_dir=None),
+          profile_as)
+    return steps_per_s, seconds, compile_s, measure.peak_memory_mib(), profile
+
+  steps_per_s, seconds, compile_s, peak_mib, profile = timed(profile_as="dit_sampler")
   peer = peer_throughput(lambda: bench_peers.dit_sample_loop(
       **shape, batch=batch, steps=steps, cfg_scale=DIT_CFG_SCALE), steps, settings)
-  rows.append(row(f"dit DDIM sampler, batch {batch}, cfg {DIT_CFG_SCALE}", "steps/s",
-                  steps_per_s, seconds=seconds / steps, compile_s=compile_s,
-                  peak_mib=measure.peak_memory_mib(),
-                  peer_name="diffusers DiTPipeline loop", peer=peer, **profile))
-  return rows
+  name = f"dit DDIM sampler, batch {batch}, cfg {DIT_CFG_SCALE}"
+  sampler = row(name, "steps/s", steps_per_s, seconds=seconds / steps, compile_s=compile_s,
+                peak_mib=peak_mib, peer_name="diffusers DiTPipeline loop", peer=peer, **profile)
+  size = bench.config.sample_microbatch_size
+  before_per_s, _, _, before_mib, _ = timed(microbatch_size=0)
+  before = row(f"{name}, the model on {size} rows at a time", "steps/s", steps_per_s,
+               seconds=seconds / steps, peak_mib=peak_mib,
+               peer_name="before: sample_microbatch_size=0", peer=before_per_s,
+               before_peak_mib=before_mib)
+  return [sampler, before]
 
 
 # --------------------------------------------------------------------------

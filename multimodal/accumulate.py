@@ -22,6 +22,10 @@ copies. It is a speed setting, not a memory one: XLA may then keep more than
 one microbatch's activations alive. On this CPU, DiT's step at batch 64 is
 fastest as two unrolled halves (README, Performance): a half batch's
 activations stay in cache, which the whole batch's do not.
+
+`in_microbatches` does the same for a forward pass alone: the DiT sampler
+calls its model on the guided (doubled) batch in parts of at most
+`config.sample_microbatch_size` rows.
 """
 from __future__ import annotations
 
@@ -70,3 +74,27 @@ def mean_loss_and_grads(loss_fn, params, batch, rng, k: int, unroll: bool = Fals
                        jax.eval_shape(grad_fn, params, first, rng))
   total, _ = jax.lax.scan(step, zeros, (jnp.arange(k), micro), unroll=unroll)
   return jax.tree.map(lambda x: x / k, total)
+
+
+def count_for_size(batch: int, max_size: int) -> int:
+  """The fewest microbatches that split `batch` rows evenly into parts of at
+  most `max_size` rows (max_size 0: one, the whole batch)."""
+  if max_size <= 0 or batch <= max_size:
+    return 1
+  return next(k for k in range(-(-batch // max_size), batch + 1) if batch % k == 0)
+
+
+def in_microbatches(fn, k: int):
+  """`fn(*batched)` computed on k microbatches one after another, written out,
+  and merged back into the batch's row order: the same values for a
+  per-example `fn` (a forward pass), but on this CPU a smaller working set
+  (README, Performance). Every argument and output leaf is batched on axis 0;
+  the microbatches are `split`'s, so each device keeps its rows."""
+  if k == 1:
+    return fn
+
+  def run(*args):
+    micro = split(args, k)
+    outs = [fn(*jax.tree.map(lambda x, j=j: x[j], micro)) for j in range(k)]
+    return jax.tree.map(lambda *parts: merge(jnp.stack(parts)), *outs)
+  return run

@@ -14,6 +14,7 @@ EXPECTED_ROWS = (
     "clip train loop, 3 steps, metrics fetched every", "clip eval image encoder",
     "clip zero-shot eval", "dit train step", "dit input pipeline", "dit train step, two unrolled microbatches",
     "dit train step, freed memory kept by malloc", "dit DDIM sampler",
+    "dit DDIM sampler",  # ..., the model on 8 rows at a time (before/after).
     "vlm train step", "vlm input pipeline",
     "vlm train step, frozen vision tower not differentiated",
     "vlm decode mu, batch 2, prompt 8, 4 new", "vlm decode mu, batch 2, prompt 8, 8 new")
@@ -50,6 +51,10 @@ def test_bench_smoke(data_dir, tmp_path):
     assert row["peer_name"].startswith("before: ") and row["before_peak_mib"] > 0, row
     after = next(r for r in steps if row["benchmark"].startswith(r["benchmark"]))
     assert row["ours"] == after["ours"], (row, after)
+  # The sampler's own before/after row: its model calls in microbatches.
+  sampler, parts = (r for r in rows if r["benchmark"].startswith("dit DDIM sampler"))
+  assert parts["benchmark"] == sampler["benchmark"] + ", the model on 8 rows at a time", parts
+  assert parts["ours"] == sampler["ours"] and parts["peer_name"].startswith("before: "), parts
   # The step in two fresh processes: with this environment's GLIBC_TUNABLES
   # (launch.sh's malloc tunables) and with glibc's defaults.
   row = next(r for r in rows if r["benchmark"] == "dit train step, freed memory kept by malloc")

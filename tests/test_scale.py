@@ -230,3 +230,12 @@ def test_fsdp_divides_parameter_and_optimizer_bytes(family):
   # Small leaves (norm scales of the odd axis, the temperature, the step
   # counts) stay replicated; everything with an "embed" axis is split.
   assert sharded < replicated / 8 * 1.25, (name, sharded / replicated)
+
+
+def test_microbatch_count_for_a_size():
+  from multimodal import accumulate
+  assert accumulate.count_for_size(128, 32) == 4
+  assert accumulate.count_for_size(128, 0) == 1  # 0: the whole batch.
+  assert accumulate.count_for_size(6, 32) == 1
+  assert accumulate.count_for_size(96, 40) == 3  # Parts of 32: 96 / 2 = 48 is too many.
+  assert accumulate.count_for_size(14, 4) == 7  # The fewest even parts: 7 of 2 rows.

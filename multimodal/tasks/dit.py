@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import config_lib, sharding, trained_runs
+from multimodal import accumulate, config_lib, sharding, trained_runs
 from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
 from multimodal.evaluators import generation, recognizer as recognizer_lib
@@ -277,9 +277,13 @@ class DiffusionTask(base.Task):
     return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
 
   def sampler(self, mesh, *, steps: int, cfg_scale: float, sampler: str = "ddim",
-              eta: float = 0.0, seed: int = 0):
+              eta: float = 0.0, seed: int = 0, microbatch_size: int | None = None):
     """A jitted (params, condition) -> images [N, H, W, 3] in [-1, 1], for
-    conditions from `condition_for_labels` or `condition_for_prompt`."""
+    conditions from `condition_for_labels` or `condition_for_prompt`.
+    `microbatch_size`: rows per model call (None: the config's
+    sample_microbatch_size; 0: the whole guided batch)."""
+    if microbatch_size is None:
+      microbatch_size = self.config.get("sample_microbatch_size", 0)
     use = schedules.space_timesteps(self.num_timesteps, steps)
     respaced, timestep_map = schedules.respace(self.schedule, use)
 
@@ -291,9 +295,14 @@ class DiffusionTask(base.Task):
           params, jnp.concatenate([condition, condition]))
       drop = jnp.concatenate([jnp.zeros((n,), jnp.int32), jnp.ones((n,), jnp.int32)])
 
-      def doubled(x, t):
+      def call_model(x, t, drop, condition_kwargs):
         return self.model.apply({"params": self._dit_params(params)}, x, t,
-                                force_drop_ids=drop, **doubled_condition)
+                                force_drop_ids=drop, **condition_kwargs)
+
+      def doubled(x, t):
+        # In parts of at most sample_microbatch_size rows: the same samples.
+        k = accumulate.count_for_size(2 * n, microbatch_size)
+        return accumulate.in_microbatches(call_model, k)(x, t, drop, doubled_condition)
       model_fn = samplers.cfg_model_fn(doubled, cfg_scale)
       shape = (n, *self.image_shape)
       kwargs = dict(timestep_map=timestep_map, prediction=self.prediction,
