@@ -49,7 +49,10 @@ def make_task(config):
           "vlm": vlm.VisionLanguageTask, "classify": classify.ClassificationTask}[config.task](config)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# Each family's tests run on one pytest-xdist worker (--dist loadgroup), so
+# the fixture below builds its task and reference step once, not on both.
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.xdist_group(f"scale_{name}")) for name in FAMILIES])
 def family(request, data_dir, clip_workdir):
   """(name, task, config, one local batch, the single-device reference step)."""
   config = family_config(request.param, data_dir, clip_workdir)
