@@ -1,5 +1,5 @@
 """Tiny models trained through the real command line come out far above
-chance: a CLIP (1800 steps, 4 minutes) at zero-shot shape and colour
+chance: a CLIP (1800 steps, conftest's `trained_clip`) at zero-shot shape and colour
 classification and at retrieval, with `eval` re-running its evaluators; a
 class-conditional DiT at drawing the (shape, colour) it is asked for.
 """
