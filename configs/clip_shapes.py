@@ -10,7 +10,7 @@ accuracy above 0.9 (chance 0.125); the README gives the measured numbers.
 """
 from ml_collections import config_dict
 
-from multimodal import config_lib
+from multimodal.config import config_lib
 
 SHAPES_WORLD = dict(image_size=64, train_examples=50_000, eval_examples=2_000,
                     seed=0)

@@ -12,7 +12,7 @@ to the workdir, and scores samples with a recognizer (evals.quality).
 from ml_collections import config_dict
 
 from configs import clip_shapes
-from multimodal import config_lib
+from multimodal.config import config_lib
 from multimodal.data import shapes_world
 
 

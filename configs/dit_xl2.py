@@ -34,7 +34,7 @@ guidance); the headline FID 2.27 took 7M steps (--config.total_steps=7000000).
 """
 from ml_collections import config_dict
 
-from multimodal import config_lib
+from multimodal.config import config_lib
 
 # The VAE downsamples by 8 (four blocks of sd-vae-ft-*): 256 px -> 32x32x4.
 VAE_DOWNSAMPLE = 8

@@ -11,7 +11,7 @@ It is the independent recognizer that scores DiT samples
 from ml_collections import config_dict
 
 from configs import clip_shapes
-from multimodal import config_lib
+from multimodal.config import config_lib
 from multimodal.data import shapes_world
 
 

@@ -18,7 +18,7 @@ from the previous one's run, trained on first use and cached in
 from ml_collections import config_dict
 
 from configs import clip_shapes
-from multimodal import config_lib
+from multimodal.config import config_lib
 
 STEPS = {"lm": 1500, "align": 600, "tune": 5000}
 MAX_LEN = 48  # Prompt + answer tokens; the longest caption fits.

@@ -43,10 +43,11 @@ def answer_images(workdir: str, image: str, question: str | None) -> list[tuple[
   import numpy as np
   import tensorflow as tf
 
-  from multimodal import config_lib, tasks
-  from multimodal.benchmarks import encoders, index
+  from multimodal.config import config_lib
+  from multimodal import tasks
+  from multimodal.eval_suite import encoders, index
   from multimodal.data import errors, preprocess
-  from multimodal import trained_runs
+  from multimodal.tasks import trained_runs
   config = config_lib.load_workdir_config(workdir)
   if config.task != "vlm" or config.stage == "lm":
     what = f"stage '{config.stage}'" if config.task == "vlm" else f"'{config.task}'"
@@ -54,7 +55,7 @@ def answer_images(workdir: str, image: str, question: str | None) -> list[tuple[
         f"{workdir} is a {what} run; ask and caption need a VLM run that sees "
         "images (configs/vlm_shapes.py, stage align or tune).")
   task = tasks.get(config.task)(config)
-  params = trained_runs.eval_params(workdir)
+  params = trained_runs.eval_params(workdir, type(task))
   paths = index.image_files(image) if os.path.isdir(image) else [image]
   if not os.path.isfile(paths[0]):
     raise errors.DataError(f"--image {image} does not exist.")

@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
   if unknown:
     fail(f"unknown --families {unknown}; benchmarks exist for {list(KNOWN)}.")
   from experiments import bench_families, bench_rows
-  from multimodal import measure
+  from multimodal.perf import measure
   peak = measure.matmul_peak_flops(sizes=(256,) if SMOKE.value else measure.PEAK_MATMUL_SIZES)
   settings = bench_rows.Settings(repeats=1 if SMOKE.value else REPEATS.value,
                                  peak_flops=peak["flops_per_s"], profile_dir=PROFILE.value,

@@ -17,7 +17,10 @@ from experiments import bench_peers
 from experiments.bench_rows import (Settings, allocator_row, before_row, loop_rows,
                                     median_throughput, peer_throughput, row,
                                     timed_and_profiled, train_rows)
-from multimodal import config_lib, measure, sharding, trainer
+from multimodal.config import config_lib
+from multimodal.perf import measure
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 
 # The shapes world of --smoke: as the test suite's (tests/conftest.py), so
 # the tests' prepared copy is reused.

@@ -2,7 +2,7 @@
 
 What is read once per process (XLA_FLAGS by XLA, GLIBC_TUNABLES by the C
 library at start-up) can only be compared across processes: this runs
-`python -m experiments.bench_process FAMILY` under a given environment and
+`python -m experiments.bench_child FAMILY` under a given environment and
 returns what it measured. The step is built as `./launch.sh bench` builds it
 (bench_rows.StepBench). Used by `./launch.sh bench-flags` (one process per
 XLA flag) and by the bench's allocator row (with and without launch.sh's
@@ -21,37 +21,11 @@ FAMILIES = ("clip", "dit")
 RESULT_PREFIX = "BENCH_PROCESS_RESULT "
 
 
-def time_step(family: str, repeats: int, smoke: bool, data_dir: str | None) -> dict:
-  """In this process: compile seconds, median step ms, and the minor page
-  faults of one step after the timing."""
-  import resource
-
-  from experiments import bench_families, bench_rows
-  from multimodal import measure, sharding
-  settings = bench_rows.Settings(repeats=repeats, peak_flops=float("nan"), profile_dir=None,
-                                 smoke=smoke)
-  config = {"clip": bench_families.clip_config,
-            "dit": bench_families.dit_config}[family](settings, data_dir)
-  bench = bench_rows.StepBench(config)
-  compile_s, seconds = bench.time_steps(settings, family, {})
-
-  def step():
-    bench.state, metrics = bench.step_fn(bench.state, bench.batch)
-    measure.block((bench.state, metrics))
-
-  with sharding.mesh_context(bench.mesh):
-    step()  # The jitted function's own compile, outside the count.
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-  return {"compile_s": compile_s, "step_ms": 1e3 * seconds, "page_faults_per_step": faults}
-
-
 def in_fresh_process(family: str, env: dict, repeats: int, smoke: bool,
                      data_dir: str | None) -> dict:
-  """time_step(family) in a new Python process with environment `env`: its
+  """bench_child.time_step(family) in a new Python process with environment `env`: its
   result, or {"error": the process's last line} if it failed."""
-  argv = [sys.executable, "-m", "experiments.bench_process", family, str(repeats),
+  argv = [sys.executable, "-m", "experiments.bench_child", family, str(repeats),
           "smoke" if smoke else "full", data_dir or ""]
   run = subprocess.run(argv, env=env, capture_output=True, text=True)
   for line in run.stdout.splitlines():
@@ -61,9 +35,3 @@ def in_fresh_process(family: str, env: dict, repeats: int, smoke: bool,
   lines = [l for l in run.stderr.splitlines() if l.strip()]
   last = lines[-1] if lines else f"exit status {run.returncode}"
   return {"error": last.split("] ", 1)[-1]}  # Without the log line's header.
-
-
-if __name__ == "__main__":
-  family, repeats, mode, data_dir = sys.argv[1:5]
-  result = time_step(family, int(repeats), mode == "smoke", data_dir or None)
-  print(RESULT_PREFIX + json.dumps(result), flush=True)

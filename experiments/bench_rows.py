@@ -17,7 +17,10 @@ import time
 import jax
 
 from experiments import bench_peers, bench_process
-from multimodal import flops, measure, sharding, tasks, trainer
+from multimodal.perf import flops, measure
+from multimodal.parallel import sharding
+from multimodal import tasks
+from multimodal.train import trainer
 from multimodal.data import pipeline
 
 # Batches the input-pipeline rows read after their warm-up.

@@ -13,7 +13,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.common import fail
-from multimodal import config_lib
+from multimodal.config import config_lib
+from multimodal.tasks import config_checks
 
 DEFAULT_CONFIG = "configs/clip_shapes.py"
 CONFIG = config_flags.DEFINE_config_file(
@@ -57,7 +58,7 @@ def parse_flags(argv: list[str]) -> None:
     fail(f"could not build the config: {type(e).__name__}: {e}")
   try:
     check_override_values(config, argv)
-    config_lib.validate(config)
+    config_checks.check(config)
   except config_lib.ConfigError as e:
     fail(str(e))
 

@@ -22,7 +22,7 @@ def define_model_flags():
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors that name a bad input and its fix: reported by `fail`."""
-  from multimodal import config_lib
+  from multimodal.config import config_lib
   from multimodal.data import errors, preprocess
   from multimodal.importers.safetensors_io import WeightImportError
   return (config_lib.ConfigError, errors.DataError, WeightImportError,

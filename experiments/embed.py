@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     fail("give --out FILE.npz, where the index goes.")
   if not (IMAGES.value or TEXTS.value):
     fail("give --images FOLDER, --texts FILE, or both: there is nothing to embed.")
-  from multimodal.benchmarks import encoders, index
+  from multimodal.eval_suite import encoders, index
   try:
     encoder = encoders.load(workdir=WORKDIR.value, hf=HF.value)
     contents = {}

@@ -56,7 +56,9 @@ def on_split(evals, split: str):
 
 
 def run_own_evaluators(workdir: str) -> None:
-  from multimodal import config_lib, report, tasks, trainer
+  from multimodal.config import config_lib
+  from multimodal.train import report, trainer
+  from multimodal import tasks
   config = config_lib.load_workdir_config(workdir)
   if SPLIT.value:
     with config.unlocked():
@@ -70,9 +72,9 @@ def run_own_evaluators(workdir: str) -> None:
 def run_benchmarks() -> None:
   import jax
 
-  from multimodal import config_lib
-  from multimodal.benchmarks import datasets, encoders, results, suite
-  from multimodal.evaluators import templates as templates_lib
+  from multimodal.config import config_lib
+  from multimodal.eval_suite import datasets, encoders, results, suite
+  from multimodal.data import templates as templates_lib
   encoder = encoders.load(workdir=WORKDIR.value, hf=HF.value)
   shapes_world = None
   if WORKDIR.value:  # Its own world, for shapes_world/* benchmarks.

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from multimodal import distributed
+from multimodal.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("procs", "slurm", "tpu")

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
   except flags.Error as e:
     fail(str(e))
   workdir = WORKDIR.value
-  from multimodal import config_lib
+  from multimodal.config import config_lib
   try:
     config = config_lib.load_workdir_config(workdir)
   except config_lib.ConfigError as e:
@@ -43,7 +43,9 @@ def main(argv: list[str]) -> None:
 
   import jax
   import numpy as np
-  from multimodal import checkpoint, sharding, tasks, trainer
+  from multimodal.train import checkpoint, trainer
+  from multimodal.parallel import sharding
+  from multimodal import tasks
   from multimodal.evaluators import generation
   task = tasks.get(config.task)(config)
   # Pad the batch to the data-parallel size; the extra samples are dropped.

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     fail("give --index FILE.npz (written by ./launch.sh embed).")
   if (TEXT.value is None) == (IMAGE.value is None):
     fail('give exactly one query: --text "..." or --image PATH.')
-  from multimodal.benchmarks import encoders, index
+  from multimodal.eval_suite import encoders, index
   from multimodal.data import errors
   try:
     data = index.load(INDEX.value)

@@ -64,7 +64,8 @@ def _normalise(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   argv = cli.normalise_argv(_normalise(argv))
   cli.parse_flags(argv)
-  from multimodal import config_lib, sweep, sweep_devices
+  from multimodal.config import config_lib
+  from multimodal.sweep import points as sweep, devices as sweep_devices
   if cli.WORKDIR.value:
     fail("a sweep has one workdir per point; give --sweep_dir instead of --workdir.")
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
@@ -134,7 +135,7 @@ def _train_command(spec: str, base: list[str], point) -> list[str]:
 
 def _run_points(points, spec, base, envs, total) -> bool:
   """Runs the unfinished points, len(envs) at a time; True if none failed."""
-  from multimodal import sweep
+  from multimodal.sweep import points as sweep
   todo = []
   for point in points:
     if sweep.status(point) == "done":
@@ -208,7 +209,7 @@ def _tail(path: str, lines: int = 15) -> str:
 
 def _collect(points, sweep_dir) -> None:
   """Writes sweep.csv, sweep.md and the plots; prints the table."""
-  from multimodal import sweep, sweep_report
+  from multimodal.sweep import points as sweep, report as sweep_report
   try:
     result = sweep_report.collect(points, sweep_dir, METRIC.value, MODE.value)
   except sweep.SweepError as e:
@@ -220,7 +221,7 @@ def _collect(points, sweep_dir) -> None:
 
 
 def _submit_slurm(points, spec, base, sweep_dir) -> int:
-  from multimodal import sweep, sweep_devices
+  from multimodal.sweep import points as sweep, devices as sweep_devices
   todo = [p.index for p in points if sweep.status(p) != "done"]
   if not todo:
     print("Every point has finished already; nothing to submit.", file=sys.stderr)

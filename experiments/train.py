@@ -16,14 +16,14 @@ from experiments.common import fail, user_errors
 def run_errors() -> tuple[type[Exception], ...]:
   """What a training run reports as one line (exit status 2): bad input, a
   workdir or checkpoint it cannot use, or a diverged loss."""
-  from multimodal import checkpoint, trainer, workdir
+  from multimodal.train import checkpoint, trainer, workdir
   return (*user_errors(), checkpoint.CheckpointError, workdir.WorkdirError,
           trainer.TrainingDivergedError)
 
 
 def main(argv: list[str]) -> None:
   from experiments import launcher
-  from multimodal import distributed
+  from multimodal.parallel import distributed
   try:
     launch_options, argv = launcher.split_args(argv)
     launch = launcher.validate(launch_options) if launch_options else None
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
   except distributed.DistributedError as e:
     fail(str(e))
-  from multimodal import preemption
+  from multimodal.train import preemption
   with distributed.leave_at_once_on_error(keep_exit_codes=(preemption.PREEMPTED_EXIT_CODE,)):
     _train_and_report()
 
@@ -49,7 +49,9 @@ def main(argv: list[str]) -> None:
 def _train_and_report() -> None:
   # Heavy imports after the flags: a typo in a key fails in a second.
   import jax
-  from multimodal import distributed, preemption, tasks, trainer, report
+  from multimodal.parallel import distributed
+  from multimodal.train import preemption, trainer, report
+  from multimodal import tasks
   config = cli.CONFIG.value
   workdir = distributed.agree(cli.WORKDIR.value or cli.default_workdir())
   main_process = jax.process_index() == 0

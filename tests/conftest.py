@@ -64,10 +64,10 @@ def killed_on_exit(procs):
 def trainings_asked(monkeypatch):
   """The config specs that trained_runs.ensure_trained is asked to train, in
   order; it trains nothing and answers "/cached/clip"."""
-  from multimodal import trained_runs
+  from multimodal.tasks import trained_runs
   asked = []
   monkeypatch.setattr(trained_runs, "ensure_trained",
-                      lambda spec, **kwargs: asked.append(spec) or "/cached/clip")
+                      lambda spec, task_class, **kwargs: asked.append(spec) or "/cached/clip")
   return asked
 
 
@@ -82,7 +82,7 @@ def data_dir(tmp_path_factory):
 def tiny_clip_config(data_dir, arg="", **overrides):
   """The default CLIP config shrunk to test size, on the tiny world."""
   from configs import clip_shapes
-  from multimodal import config_lib
+  from multimodal.config import config_lib
   base = "variant=mu/8,text_variant=mu,steps=20,res=32,batch=32"
   config = clip_shapes.get_config(f"{base},{arg}" if arg else base)
   config.input.data_dir = data_dir
@@ -109,7 +109,7 @@ def clip_task(data_dir):
 def clip_workdir(data_dir, tmp_path_factory):
   """A tiny CLIP run (10 steps, no evals): a vision tower for the VLM and a
   text encoder for the text-conditioned DiT."""
-  from multimodal import trainer
+  from multimodal.train import trainer
   from multimodal.tasks import clip
   config = tiny_clip_config(data_dir, total_steps=10)
   for name in list(config.evals):
@@ -149,9 +149,10 @@ TINY_RECOGNIZER = "configs/shapes_classifier.py:variant=mu/8,steps=60,res=32,bat
 def recognizer_workdir(data_dir, tmp_path_factory):
   """A tiny shape-and-colour classifier, trained once per session the way a
   DiT run trains its recognizer on first use."""
-  from multimodal import trained_runs
+  from multimodal.tasks import trained_runs
+  from multimodal.tasks.classify import ClassificationTask
   return trained_runs.ensure_trained(
-      TINY_RECOGNIZER, cache_root=str(tmp_path_factory.mktemp("recognizers")),
+      TINY_RECOGNIZER, ClassificationTask, cache_root=str(tmp_path_factory.mktemp("recognizers")),
       data_dir=data_dir, shapes_world=TINY_WORLD)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from multimodal import sharding
+from multimodal.parallel import sharding
 from multimodal.data import errors, pipeline, preprocess, sources
 from multimodal.data import tokenizer as tokenizer_lib
 

@@ -13,8 +13,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.metrics import balanced_accuracy_score
 
-from multimodal import sharding
-from multimodal.benchmarks import datasets, embedding, encoders, results, suite
+from multimodal.parallel import sharding
+from multimodal.eval_suite import datasets, embedding, encoders, results, suite
 from multimodal.data import errors, preprocess
 
 NAMES = ["red_square", "blue_circle", "green_triangle"]

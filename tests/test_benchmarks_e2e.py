@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP
-from multimodal.benchmarks import results
+from multimodal.eval_suite import results
 
 
 def cli(*args, timeout=900):

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import killed_on_exit
-from multimodal import checkpoint, fingerprint
+from multimodal.train import checkpoint, fingerprint
 
 # Orbax's reader leaves coroutines behind when a file it reads is damaged.
 pytestmark = pytest.mark.filterwarnings(

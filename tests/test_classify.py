@@ -10,8 +10,12 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from conftest import TINY_RECOGNIZER, TINY_WORLD, assert_logically_partitioned
-from multimodal import config_lib, sharding, trained_runs
-from multimodal.evaluators import classification, recognizer
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
+from multimodal.tasks import trained_runs
+from multimodal.tasks.classify import ClassificationTask
+from multimodal.evaluators import classification
+from multimodal.tasks import recognizer
 from multimodal.models import classifier
 
 
@@ -68,7 +72,7 @@ def test_recognizer_is_trained_once_and_then_reused(recognizer_workdir, data_dir
   assert results["accuracy_test/colour_acc1"] > 0.5, results
   stamp = os.path.getmtime(os.path.join(recognizer_workdir, "results.json"))
   cache_root = os.path.dirname(recognizer_workdir)
-  again = trained_runs.ensure_trained(TINY_RECOGNIZER, cache_root=cache_root,
+  again = trained_runs.ensure_trained(TINY_RECOGNIZER, ClassificationTask, cache_root=cache_root,
                                     data_dir=data_dir, shapes_world=TINY_WORLD)
   assert again == recognizer_workdir
   assert os.path.getmtime(os.path.join(again, "results.json")) == stamp

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from configs import clip_shapes, siglip_shapes
-from multimodal import config_lib
+from multimodal.config import config_lib
+from multimodal.tasks import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,14 +63,14 @@ def test_bad_pp_argument_fails_at_parse_time():
   config = clip_shapes.get_config()
   config.evals.retrieval.pp = "decode|value_range(1)"
   with pytest.raises(config_lib.ConfigError, match="value_range"):
-    config_lib.validate(config)
+    config_checks.check(config)
 
 
 def test_duration_in_epochs_and_examples():
   config = clip_shapes.get_config("batch=100")
   config.total_steps = None
   config.total_epochs = 2.0
-  config_lib.validate(config)
+  config_checks.check(config)
   assert config_lib.total_steps(config, num_train_examples=5_000) == 100
   config.total_epochs = None
   config.total_examples = 30_000
@@ -80,4 +81,4 @@ def test_two_durations_is_an_error():
   config = clip_shapes.get_config()
   config.total_epochs = 1.0
   with pytest.raises(config_lib.ConfigError, match="exactly one"):
-    config_lib.validate(config)
+    config_checks.check(config)

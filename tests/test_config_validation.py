@@ -15,7 +15,9 @@ import types
 import pytest
 
 from conftest import ROOT, tiny_clip_config
-from multimodal import config_checks, config_lib, sweep
+from multimodal.tasks import config_checks
+from multimodal.config import config_lib
+from multimodal.sweep import points as sweep
 from test_config import run_cli
 
 # What a smuggled command would do: create this file. It must never exist.
@@ -83,7 +85,7 @@ class _UntouchableTask:
 def test_batch_not_divisible_by_data_parallel_devices_fails_before_compiling(tmp_path):
   import jax
   import jax.numpy as jnp
-  from multimodal import trainer
+  from multimodal.train import trainer
   config = tiny_clip_config(str(tmp_path / "no_data"), **{"input.batch_size": 12})
   compiled = []
 
@@ -128,7 +130,7 @@ def test_batch_not_divisible_by_data_parallel_devices_fails_before_compiling(tmp
 ])
 def test_image_size_not_divisible_by_the_patch_names_both_keys(spec, message):
   with pytest.raises(config_lib.ConfigError) as caught:
-    config_lib.validate(config_lib.load_config_file(spec))
+    config_checks.check(config_lib.load_config_file(spec))
   assert str(caught.value).startswith(message)
 
 
@@ -139,12 +141,12 @@ def test_pp_resize_not_divisible_by_the_patch_or_not_the_model_size():
   with pytest.raises(config_lib.ConfigError, match=r"config.evals.retrieval.pp makes 36x36 "
                      r"images, not divisible by the 8x8 patch of config.model.image.variant="
                      r"'mu/8': in its resize/crop, use 32 or 40"):
-    config_lib.validate(config)
+    config_checks.check(config)
   config = clip_shapes.get_config("res=32")
   config.input.pp = config.input.pp.replace("resize(32)", "resize(64)")
   with pytest.raises(config_lib.ConfigError, match=r"config.input.pp makes 64x64 images, but "
                      r"the model is built for config.input.image_size=32"):
-    config_lib.validate(config)
+    config_checks.check(config)
   # The last op that sets the size counts; a crop after a resize, too.
   assert config_checks.pp_image_size("decode|resize(64)|central_crop((48, 56))|value_range(-1,1)"
                                   ) == (48, 56)
@@ -153,7 +155,7 @@ def test_pp_resize_not_divisible_by_the_patch_or_not_the_model_size():
   # A DiT's quality eval feeds the recognizer, not the DiT: not its patch.
   config = dit_shapes.get_config("variant=nano/4,res=16")
   config.evals.quality.pp = config.evals.quality.pp.replace("resize(16)", "resize(18)")
-  config_lib.validate(config)
+  config_checks.check(config)
 
 
 def test_vlm_images_must_fit_the_vision_run(tmp_path):
@@ -239,11 +241,11 @@ def _fake_run(path, checkpoint=True):
 ])
 def test_missing_run_or_weights_to_start_from_names_key_and_path(config_spec, key, tmp_path):
   config = config_lib.load_config_file(config_spec)
-  config_lib.validate(config)  # Unset: trained on first use, or not used.
+  config_checks.check(config)  # Unset: trained on first use, or not used.
   missing = str(tmp_path / "missing")
   config_lib.set_dotted(config, key, missing)
   with pytest.raises(config_lib.ConfigError) as caught:
-    config_lib.validate(config)
+    config_checks.check(config)
   assert str(caught.value).startswith(f"config.{key}={missing!r}: no such ")
 
 
@@ -253,16 +255,16 @@ def test_a_run_to_start_from_needs_its_config_and_a_checkpoint(tmp_path):
   config.model.vision.workdir = _fake_run(tmp_path / "no_ckpt", checkpoint=False)
   with pytest.raises(config_lib.ConfigError, match=r"no_ckpt' has no checkpoint to start "
                      r"from .* or set it to None to train one from config.model.vision.config"):
-    config_lib.validate(config)
+    config_checks.check(config)
   config.model.vision.workdir = str(tmp_path)
   with pytest.raises(config_lib.ConfigError, match="is not the workdir of a run: it has no config.json"):
-    config_lib.validate(config)
+    config_checks.check(config)
   config.model.vision.workdir = _fake_run(tmp_path / "good")
-  config_lib.validate(config)
+  config_checks.check(config)
   config.init.lm.config = "configs/no_such.py:stage=lm"  # Trained on first use: must exist.
   with pytest.raises(config_lib.ConfigError, match=r"config.init.lm.config=.*no such config "
                      r"file 'configs/no_such.py'"):
-    config_lib.validate(config)
+    config_checks.check(config)
 
 
 def test_tasks_check_before_reading_data_or_weights(tmp_path):

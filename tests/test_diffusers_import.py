@@ -24,7 +24,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from conftest import assert_logically_partitioned  # noqa: E402
 from parity import TOL, assert_parity, perturb_, rel_err  # noqa: E402
-from multimodal import config_lib, optim, sharding  # noqa: E402
+from multimodal.config import config_lib  # noqa: E402
+from multimodal.tasks import config_checks  # noqa: E402
+from multimodal.train import optim
+from multimodal.parallel import sharding
 from multimodal.importers import diffusers_dit, diffusers_vae, safetensors_io as io  # noqa: E402
 from multimodal.importers.safetensors_io import WeightImportError  # noqa: E402
 from multimodal.models import dit, vae  # noqa: E402
@@ -413,7 +416,7 @@ def test_dit_xl2_config_loads_locked_and_validates():
   assert set(c.keys()) == set(dit_shapes.get_config().keys())
   assert set(c.model.keys()) >= {"conditioning", "variant", "num_classes",
                                  "class_dropout_prob", "learn_sigma", "t_freq_shift"}
-  config_lib.validate(c)
+  config_checks.check(c)
   c.lock()
   c.vae.from_diffusers = "/weights/sd-vae-ft-ema"
   c.init.from_diffusers = "/weights/DiT-XL-2-256/transformer"

@@ -9,7 +9,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import TINY_WORLD  # noqa: E402
-from multimodal import config_lib, sharding, trainer  # noqa: E402
+from multimodal.config import config_lib  # noqa: E402
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 from multimodal.importers import diffusers_dit  # noqa: E402
 from multimodal.tasks import dit as dit_task  # noqa: E402
 

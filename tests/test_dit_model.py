@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multimodal import sharding
+from multimodal.parallel import sharding
 from conftest import assert_logically_partitioned
 from multimodal.models import dit, layers
 

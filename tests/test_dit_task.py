@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import TINY_WORLD
-from multimodal import trainer
+from multimodal.train import trainer
 from multimodal.evaluators import generation
 from multimodal.tasks import dit as dit_task
 
@@ -106,7 +106,7 @@ def test_sampler_in_microbatches_draws_the_same_samples(data_dir):
   16) goes through the model in 4 parts of 4 rows, on the 8-device mesh,
   and the samples are the whole batch's."""
   import jax
-  from multimodal import sharding
+  from multimodal.parallel import sharding
   config = tiny_dit_config(data_dir)
   task = dit_task.DiffusionTask(config)
   mesh = sharding.make_mesh(config.mesh)

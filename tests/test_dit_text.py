@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_WORLD
-from multimodal import config_lib, trainer
+from multimodal.config import config_lib
+from multimodal.train import trainer
 from multimodal.tasks import dit as dit_task, text_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,7 @@ def test_text_conditioning_requires_the_encoder_frozen(data_dir, clip_workdir):
 
 
 def task_mesh(config):
-  from multimodal import sharding
+  from multimodal.parallel import sharding
   return sharding.make_mesh(config.mesh)
 
 

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP
-from multimodal import trainer
+from multimodal.tasks.clip import ContrastiveTask
+from multimodal.train import trainer
 
 
 @pytest.mark.slow
@@ -26,8 +27,8 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   summary = json.loads((workdir / "results.json").read_text())
   results = summary["metrics"]
   # The digest names the checkpoint's final parameters.
-  from multimodal import trained_runs
-  assert summary["params_sha256"] == trainer.params_sha256(trained_runs.eval_params(str(workdir)))
+  from multimodal.tasks import trained_runs
+  assert summary["params_sha256"] == trainer.params_sha256(trained_runs.eval_params(str(workdir), ContrastiveTask))
   chance = 1 / 8
   assert results["zero_shot_shape/acc1"] > 3 * chance, results
   assert results["zero_shot_colour/acc1"] > 3 * chance, results

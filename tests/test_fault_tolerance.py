@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_clip_config
-from multimodal import checkpoint, config_lib, optim, preemption, sharding, trainer
-from multimodal import workdir as workdir_lib
+from multimodal.train import checkpoint, optim, preemption, trainer
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
+from multimodal.train import workdir as workdir_lib
 
 STEPS = 12
 

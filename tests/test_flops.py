@@ -7,7 +7,9 @@ import optax
 import pytest
 
 from configs import clip_shapes, dit_shapes, shapes_classifier, siglip_shapes, vlm_shapes
-from multimodal import config_lib, flops, losses
+from multimodal.config import config_lib
+from multimodal.perf import flops
+from multimodal.tasks import contrastive_losses as losses
 from multimodal.diffusion import losses as diffusion_losses, schedules
 from multimodal.models import classifier, decoder, dit, text, two_towers, vit, vlm
 

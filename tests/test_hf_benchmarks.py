@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import ROOT
 from hf_models import CONFIGS, make_hf, torch, train_bpe, transformers
-from multimodal.benchmarks import encoders, index
+from multimodal.eval_suite import encoders, index
 
 CLASSES = {"red_square": (200, 30, 30), "blue_circle": (30, 40, 210), "green_thing": (40, 190, 60)}
 TEXTS = ["a red square", "the blue circle on the left", "a green square of the right"]

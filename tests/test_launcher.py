@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from experiments import launcher
-from multimodal import distributed
+from multimodal.parallel import distributed
 
 
 def _cli(*args, timeout=120):

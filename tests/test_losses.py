@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.special import log_softmax
 
-from multimodal import losses
+from multimodal.tasks import contrastive_losses as losses
 
 
 def _unit(x):

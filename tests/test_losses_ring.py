@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_clip_config
-from multimodal import config_lib, losses, sharding
+from multimodal.config import config_lib
+from multimodal.tasks import contrastive_losses as losses
+from multimodal.parallel import sharding
 from multimodal.data import pipeline
 
 SCALE, BIAS = 10.0, -10.0

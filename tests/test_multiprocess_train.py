@@ -51,7 +51,10 @@ def _train_two_processes(data_dir, workdir, steps):
 def final_params(workdir):
   """The params of a run's latest checkpoint, on host, and its step."""
   import jax
-  from multimodal import config_lib, sharding, tasks, trainer
+  from multimodal.config import config_lib
+  from multimodal.parallel import sharding
+  from multimodal import tasks
+  from multimodal.train import trainer
   config = config_lib.load_workdir_config(str(workdir))
   task = tasks.get(config.task)(config)
   state = trainer.restore_latest(task, config, str(workdir),
@@ -159,7 +162,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_a_killed_process_sto
   exit with code 75. The rerun of both resumes from that step; SIGKILL of
   one of them then makes the other exit with an error within a minute, from
   its own jax.distributed heartbeat and collectives, instead of hanging."""
-  from multimodal import preemption
+  from multimodal.train import preemption
   workdir = tmp_path / "run"
   logs = [tmp_path / f"{i}.log" for i in range(2)]
   with killed_on_exit(_start_two_processes(data_dir, workdir, logs)) as procs:

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from multimodal import optim
+from multimodal.train import optim
 
 
 def config(**overrides):
@@ -68,7 +68,7 @@ def test_frozen_params_cost_no_backward_work():
   and the backward pass computes neither them nor the gradient of its
   input, so the traced matmuls are the forward's 2 plus the head's weight
   gradient; the head's gradient is the unfrozen one."""
-  from multimodal import flops
+  from multimodal.perf import flops
   x = jnp.arange(6.0).reshape(3, 2)
 
   def loss(params):

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_WORLD, tiny_clip_config
-from multimodal import config_lib, sharding, trainer
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 from multimodal.data import pipeline
 from multimodal.models import layers
 from multimodal.tasks import classify, clip, dit, vlm
@@ -236,7 +238,7 @@ def test_fsdp_divides_parameter_and_optimizer_bytes(family):
 
 
 def test_microbatch_count_for_a_size():
-  from multimodal import accumulate
+  from multimodal.train import accumulate
   assert accumulate.count_for_size(128, 32) == 4
   assert accumulate.count_for_size(128, 0) == 1  # 0: the whole batch.
   assert accumulate.count_for_size(6, 32) == 1

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_WORLD
-from multimodal import sweep, sweep_devices, sweep_report
+from multimodal.sweep import points as sweep, devices as sweep_devices, report as sweep_report
 
 
 def _run(args, **kwargs):
@@ -50,7 +50,7 @@ def test_clip_shapes_defines_a_learning_rate_sweep():
       {"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}]
   assert clip_shapes.get_sweep("lrs=1e-3/1e-2") == {"lr": [1e-3, 1e-2]}
   assert clip_shapes.get_sweep("lrs=3e-4") == {"lr": [3e-4]}
-  from multimodal import config_lib
+  from multimodal.config import config_lib
   with pytest.raises(config_lib.ConfigError, match="lrs='1e-3/fast'"):
     clip_shapes.get_sweep("lrs=1e-3/fast")
   sweep.check_keys(sweep.expand(clip_shapes.get_sweep()), _clip_config())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from multimodal.evaluators import templates
+from multimodal.data import templates
 
 
 def test_imagenet_has_clips_80_templates_with_one_placeholder():
@@ -89,7 +89,7 @@ def test_own_sets_still_work():
 
 def test_shipped_json_is_valid_and_has_its_notice():
   from importlib import resources
-  data = resources.files("multimodal.evaluators") / "data"
+  data = resources.files("multimodal.data") / "third_party"
   t = json.loads((data / "en_zeroshot_classification_templates.json").read_text())
   c = json.loads((data / "en_classnames.json").read_text())
   assert len(t["imagenet1k"]) == 80 and len(c["imagenet1k"]) == 1000

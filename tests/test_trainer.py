@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_clip_config
-from multimodal import sharding, trainer
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 from multimodal.data import pipeline
 
 
@@ -90,7 +91,7 @@ def test_resume_after_crash_reaches_the_same_parameters(clip_task, tmp_path, mon
 
   mesh = sharding.make_mesh(config.mesh)
   def final_params(workdir):
-    from multimodal import checkpoint
+    from multimodal.train import checkpoint
     with sharding.mesh_context(mesh):
       init_fn, shardings, _, _ = trainer.create_train_state(clip_task, config, mesh, 20)
       mngr = checkpoint.manager(str(workdir), read_only=True)

@@ -16,7 +16,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import E2E_WORLD, ROOT, TINY_WORLD, TRAINED_CLIP_GROUP
-from multimodal import config_lib, optim, trained_runs, trainer
+from multimodal.config import config_lib
+from multimodal.train import optim, trainer
+from multimodal.tasks import trained_runs
 from multimodal.data import preprocess, shapes_world
 from multimodal.models import decoder
 from multimodal.models import vlm as vlm_model
@@ -293,7 +295,7 @@ def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   start = {what: tree for what, tree in task.pretrained_params()}
   assert len(start) == 2
   trainer.train(task, config, str(tmp_path / "align"))
-  after = trained_runs.eval_params(str(tmp_path / "align"))
+  after = trained_runs.eval_params(str(tmp_path / "align"), type(task))
   vision, lm = start.values()
   for path, value in optim.param_paths(vision).items():
     np.testing.assert_array_equal(optim.param_paths(after)[path], value, err_msg=path)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from multimodal.data import errors, files as files_lib
+from multimodal.data import errors, files as files_lib, templates
 
 SHAPES_WORLD = "shapes_world"
 TFRECORD_PREFIX = "tfrecord:"
@@ -122,7 +122,6 @@ def _folder_listing(root: str) -> Callable[[str | None], files_lib.Listing]:
   """Class folders as image-text pairs too: each image's captions are its
   class name in the 80 ImageNet prompt templates (one is drawn per step by
   the pp's `choice`), so `folder:PATH` trains a CLIP as well as it evaluates."""
-  from multimodal.evaluators import templates  # Deferred: evaluators import data.
 
   @functools.cache
   def listing(split):

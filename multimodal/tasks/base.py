@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator
 import jax
 import tensorflow as tf
 
-from multimodal import accumulate, config_checks, config_lib, optim, sharding
+from multimodal.train import accumulate, optim
+from multimodal.tasks import config_checks
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
 from multimodal.data import pipeline, sources
 from multimodal.models import layers
 

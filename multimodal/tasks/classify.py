@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from multimodal import sharding
+from multimodal.parallel import sharding
 from multimodal.data import pipeline, preprocess
 from multimodal.evaluators import classification
 from multimodal.models import classifier

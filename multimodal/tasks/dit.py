@@ -25,13 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import accumulate, config_lib, sharding, trained_runs
+from multimodal.train import accumulate
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
+from multimodal.tasks import trained_runs
 from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
-from multimodal.evaluators import generation, recognizer as recognizer_lib
+from multimodal.evaluators import generation
+from multimodal.tasks import recognizer as recognizer_lib
 from multimodal.importers import diffusers_dit, diffusers_vae
 from multimodal.models import dit
-from multimodal.tasks import base, text_encoder
+from multimodal.tasks import base, classify, clip, text_encoder
 
 
 class DiffusionTask(base.Task):
@@ -110,7 +114,7 @@ class DiffusionTask(base.Task):
     return text_encoder.FrozenTextEncoder(
         trained_runs.resolve_config(run, **data),
         lambda: trained_runs.resolve(
-            run, cache_root=os.path.join(self.source.data_dir, "text_encoders"), **data),
+            run, clip.ContrastiveTask, cache_root=os.path.join(self.source.data_dir, "text_encoders"), **data),
         name=trained_runs.describe(run))
 
   def _import_diffusers_dit(self):
@@ -350,7 +354,7 @@ class DiffusionTask(base.Task):
   def _quality_evaluator(self, name, cfg, mesh):
     """Conditional accuracy and FID under a shape-and-colour recognizer."""
     workdir = cfg.get("recognizer_workdir") or trained_runs.ensure_trained(
-        cfg.recognizer, cache_root=os.path.join(self.source.data_dir, "recognizers"),
+        cfg.recognizer, classify.ClassificationTask, cache_root=os.path.join(self.source.data_dir, "recognizers"),
         data_dir=self.config.input.get("data_dir"),
         shapes_world=self.config.input.get("shapes_world"))
     recognizer = recognizer_lib.Recognizer(workdir, mesh)

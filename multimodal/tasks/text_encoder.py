@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal import config_lib, sharding, trainer
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 from multimodal.models import two_towers
 
 PARAMS_KEY = "text_encoder"

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multimodal import config_checks, config_lib, trained_runs
+from multimodal.tasks import config_checks, trained_runs
+from multimodal.config import config_lib
 from multimodal.data import preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import captioning, vqa
 from multimodal.importers import hf_llama, hf_tokenizer, safetensors_io
 from multimodal.models import decoder, decoding, vit, vlm
-from multimodal.tasks import base
+from multimodal.tasks import base, clip
 
 STAGES = ("lm", "align", "tune")
 TOKENIZER_TRAINING_EXAMPLES = 20_000
@@ -119,19 +120,19 @@ class VisionLanguageTask(base.Task):
     """The vision run, trained on first use (its weights start stage align,
     its workdir names the earlier stages' runs)."""
     if self._vision_workdir is None:
-      self._vision_workdir = self._resolve(self.config.model.vision)
+      self._vision_workdir = self._resolve(self.config.model.vision, clip.ContrastiveTask)
     return self._vision_workdir
 
-  def _resolve(self, run_config, overrides=None) -> str:
+  def _resolve(self, run_config, task_class, overrides=None) -> str:
     return trained_runs.resolve(
-        run_config, cache_root=os.path.join(self.source.data_dir, "trained_runs"),
+        run_config, task_class, cache_root=os.path.join(self.source.data_dir, "trained_runs"),
         data_dir=self.config.input.get("data_dir"),
         shapes_world=self.config.input.get("shapes_world"), overrides=overrides)
 
   def _resolve_stage(self, run_config) -> str:
     """An earlier stage's run, with this run's vision tower and HF LM."""
     vision = self.config.model.vision
-    return self._resolve(run_config, {"model.vision.workdir": self.vision_workdir,
+    return self._resolve(run_config, VisionLanguageTask, {"model.vision.workdir": self.vision_workdir,
                                       "model.vision.config": vision.config,
                                       "init.from_hf": self.hf_lm})
 
@@ -196,15 +197,16 @@ class VisionLanguageTask(base.Task):
       _, lm = hf_llama.load_hf_llama(self.hf_lm)
       result.append((f"the Hugging Face Llama in {self.hf_lm}", {"llm": lm}))
     if self.config.stage == "align":
-      vision = trained_runs.eval_params(self.vision_workdir)["img"]
+      vision = trained_runs.eval_params(self.vision_workdir, clip.ContrastiveTask)["img"]
       vision = {k: v for k, v in vision.items() if k not in ("head", "MAPHead_0")}
       result.append((f"the vision tower of the run {self.vision_workdir}", {"img": vision}))
       if not self.hf_lm:
-        lm_dir = self._resolve(init.lm)
-        result.append((f"the LM of the run {lm_dir}", {"llm": trained_runs.eval_params(lm_dir)["llm"]}))
+        lm_dir = self._resolve(init.lm, VisionLanguageTask)
+        lm = trained_runs.eval_params(lm_dir, VisionLanguageTask)["llm"]
+        result.append((f"the LM of the run {lm_dir}", {"llm": lm}))
     elif self.config.stage == "tune":
       run_dir = self._resolve_stage(init.run)
-      result.append((f"the aligned model of the run {run_dir}", trained_runs.eval_params(run_dir)))
+      result.append((f"the aligned model of the run {run_dir}", trained_runs.eval_params(run_dir, VisionLanguageTask)))
     return result
 
   # --- generation --------------------------------------------------------

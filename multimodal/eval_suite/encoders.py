@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from multimodal import config_lib, sharding
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
 from multimodal.data import preprocess
 from multimodal.models import two_towers
 
@@ -99,7 +100,7 @@ def test_time_image_pp(train_pp: str) -> str:
 
 def from_workdir(workdir: str) -> Encoder:
   """The latest checkpoint (its EMA params, if kept) of a CLIP/SigLIP run."""
-  from multimodal import trainer
+  from multimodal.train import trainer
   from multimodal.tasks import clip
   config = config_lib.load_workdir_config(workdir)
   if config.task != "clip":

@@ -10,7 +10,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from multimodal import config_lib
+from multimodal.config import config_lib
 
 
 def param_paths(params) -> dict:

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from multimodal import sharding
-from multimodal.benchmarks.encoders import Encoder
+from multimodal.parallel import sharding
+from multimodal.eval_suite.encoders import Encoder
 from multimodal.data import pipeline, preprocess
 from multimodal.evaluators import common
 

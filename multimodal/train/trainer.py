@@ -20,10 +20,11 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from multimodal import (checkpoint, config_lib, distributed, optim, preemption,
-                        pretrained, sharding, workdir as workdir_lib)
+from multimodal.train import checkpoint, optim, preemption, pretrained, workdir as workdir_lib
+from multimodal.config import config_lib
+from multimodal.parallel import distributed, sharding
 from multimodal.data import pipeline
-from multimodal.metrics_writer import MetricsWriter
+from multimodal.train.metrics_writer import MetricsWriter
 
 
 class TrainingDivergedError(RuntimeError):
@@ -357,7 +358,7 @@ def _compiled_and_met(train_step, state, observed):
   rather than timing out while one of them still reads or compiles."""
   first = next(observed)
   train_step.lower(state, first).compile()  # Shared with train_step's cache.
-  distributed.wait_for_all("multimodal.trainer.first_step")
+  distributed.wait_for_all("multimodal.train.trainer.first_step")
   return itertools.chain([first], observed)
 
 

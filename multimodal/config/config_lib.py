@@ -14,7 +14,6 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from multimodal.data import preprocess
 
 
 class ConfigError(ValueError):
@@ -246,20 +245,10 @@ def explain_override_error(error: Exception, config, overrides: list[str]) -> st
 
 
 def validate(config) -> None:
-  """Checks what can be checked before anything compiles.
-
-  Every preprocessing string (a key named `pp` anywhere in the config) is
-  parsed now, so an unknown op or a bad argument fails in a second, not after
-  minutes of compilation the way it does in big_vision. So do image sizes
-  that the model's patch does not divide (check_image_patch) and runs or
-  weights to start from that do not exist (check_init_paths).
-  """
-  for path, value in walk(config):
-    if path.rsplit(".", 1)[-1] == "pp" and value is not None:
-      try:
-        preprocess.parse(value)
-      except preprocess.PreprocessError as e:
-        raise ConfigError(f"config.{path}: {e}") from None
+  """The checks that need nothing but the config itself: learning-rate
+  multipliers and exactly one training length. What needs the pp ops or the
+  models (pp strings, image sizes, runs to start from) is
+  `multimodal.tasks.config_checks.check`, which calls this first."""
   check_lr_mults(config.get("lr_mults"))
   durations = [k for k in ("total_steps", "total_epochs", "total_examples")
                if config.get(k) is not None]
@@ -268,9 +257,6 @@ def validate(config) -> None:
         "give the training length as exactly one of total_steps, total_epochs "
         f"or total_examples; got {durations or 'none'}. E.g. "
         "--config.total_steps=1000 (set the others to None).")
-  from multimodal import config_checks  # It uses this module's helpers.
-  config_checks.check_image_patch(config)
-  config_checks.check_init_paths(config)
 
 
 def check_lr_mults(lr_mults) -> None:

@@ -14,8 +14,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from multimodal.benchmarks import embedding
-from multimodal.benchmarks.encoders import Encoder
+from multimodal.eval_suite import embedding
+from multimodal.eval_suite.encoders import Encoder
 from multimodal.data import errors, files
 
 EMPTY = np.zeros((0, 0), np.float32)

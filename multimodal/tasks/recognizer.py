@@ -9,22 +9,24 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from multimodal import config_lib, sharding, trainer
+from multimodal.config import config_lib
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 from multimodal.evaluators import common
+from multimodal.tasks import classify
 
 
 class Recognizer:
   """`recognizer(images) -> ({head: logits [B, classes]}, features [B, D])`."""
 
   def __init__(self, workdir: str, mesh):
-    from multimodal import tasks  # Deferred: tasks import the evaluators.
     self.workdir = workdir
     self.config = config_lib.load_workdir_config(workdir)
     if self.config.task != "classify":
       raise config_lib.ConfigError(
           f"the recognizer in {workdir} is a '{self.config.task}' run; it must be a "
           "classifier (task 'classify'), e.g. configs/shapes_classifier.py.")
-    task = tasks.get("classify")(self.config)
+    task = classify.ClassificationTask(self.config)
     self.heads = sorted(task.heads)
     self.image_size = self.config.input.image_size
     self.mesh = mesh

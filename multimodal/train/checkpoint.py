@@ -32,8 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from multimodal import distributed
-from multimodal import fingerprint as fingerprint_lib
+from multimodal.parallel import distributed
+from multimodal.train import fingerprint as fingerprint_lib
 
 
 class CheckpointError(RuntimeError):
@@ -364,7 +364,7 @@ def _set_aside(mngr, steps: list[int]) -> None:
       print(f"Moved unusable checkpoint step {step} to {target} (kept, not deleted).", file=sys.stderr)
   # Through the coordination service: a device collective here could be the
   # run's first, whose gloo context gives up on a process 30 s behind.
-  distributed.wait_for_all("multimodal.checkpoint._set_aside")
+  distributed.wait_for_all("multimodal.train.checkpoint._set_aside")
   mngr.reload()
   if _agree(int(failed is not None)):
     where = f" ({_brief(failed[1])})" if failed else ""

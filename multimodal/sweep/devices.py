@@ -6,7 +6,7 @@ import itertools
 import os
 import shlex
 
-from multimodal.sweep import SweepError
+from multimodal.sweep.points import SweepError
 
 def detect_accelerators() -> tuple[str, list[str]]:
   """("gpu", ids) / ("tpu", chip ids) / ("cpu", []) without starting JAX

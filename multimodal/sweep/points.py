@@ -25,7 +25,7 @@ import re
 
 import ml_collections
 
-from multimodal import config_lib
+from multimodal.config import config_lib
 
 
 class SweepError(ValueError):
@@ -189,8 +189,9 @@ def check_points(spec: str, points: list[dict], base_overrides=()) -> None:
         raise SweepError(
             f"sweep key '{key}': {want!r} ({type(want).__name__}) does not fit the "
             f"config field, which parses it as {got!r} ({type(got).__name__}).")
+    from multimodal.tasks import config_checks  # Imports the pp ops.
     try:
-      config_lib.validate(config)
+      config_checks.check(config)
     except config_lib.ConfigError as e:
       raise SweepError(f"sweep point {i} {point}: {e}") from None
 

@@ -18,9 +18,9 @@ import os
 import jax
 import numpy as np
 
-from multimodal.benchmarks import datasets
-from multimodal.benchmarks.embedding import Timing, embed_split
-from multimodal.benchmarks.encoders import Encoder
+from multimodal.eval_suite import datasets
+from multimodal.eval_suite.embedding import Timing, embed_split
+from multimodal.eval_suite.encoders import Encoder
 from multimodal.data import errors
 from multimodal.evaluators import common, linear_probe, metrics, zero_shot
 

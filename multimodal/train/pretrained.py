@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from multimodal import optim
+from multimodal.train import optim
 
 
 class PretrainedMismatchError(ValueError):

@@ -241,7 +241,7 @@ def _as_dict(d) -> dict:
 def _run_config(run):
   """The config of a run another run refers to ({"workdir", "config"}): the
   workdir's saved one, else the config file's (nothing is trained here)."""
-  from multimodal import config_lib
+  from multimodal.config import config_lib
   if run.get("workdir"):
     return config_lib.load_workdir_config(run["workdir"])
   return config_lib.load_config_file(run["config"])

@@ -4,7 +4,7 @@ A class's text embedding is the renormalised mean over its templates, as in
 CLIP. The names are what a config's `templates` key takes: this file's own
 sets below, "imagenet" (CLIP's 80 ImageNet templates) and every per-dataset set
 of CLIP_benchmark ("cifar10", "cars", ...), shipped as package data in
-data/ with their class names (origin and licence in data/NOTICE.md).
+third_party/ with their class names (origin and licence in third_party/NOTICE.md).
 """
 
 import functools
@@ -77,7 +77,7 @@ _CLASSNAME_KEYS = {"caltech101": "caltech101_vtab"}
 
 
 def _load_json(filename: str) -> dict:
-  text = (resources.files("multimodal.evaluators") / "data" / filename).read_text(
+  text = (resources.files("multimodal.data") / "third_party" / filename).read_text(
       encoding="utf-8")
   return json.loads(text)
 

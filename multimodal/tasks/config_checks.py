@@ -1,6 +1,6 @@
-"""Checks of a config against the files and models it names, run before
-anything compiles (from config_lib.validate and from every Task's
-constructor): image sizes that the model's patch must divide, and runs,
+"""Checks of a config against the pp ops, files and models it names, run
+before anything compiles (`check`, from the command line and from every
+Task's constructor): image sizes that the model's patch must divide, and runs,
 weights or tokenizers to start from that must exist.
 """
 from __future__ import annotations
@@ -8,13 +8,34 @@ from __future__ import annotations
 import inspect
 import os
 
-from multimodal.config_lib import (ConfigError, get_dotted, has_dotted, is_node,
-                                   resolve_config_path, walk)
+from multimodal.config import config_lib
+from multimodal.config.config_lib import (ConfigError, get_dotted, has_dotted, is_node,
+                                          resolve_config_path, walk)
 from multimodal.data import preprocess
 from multimodal.models import variants
 
 
 # -- Image size against patch size -------------------------------------------------
+
+def check(config) -> None:
+  """Checks what can be checked before anything compiles.
+
+  Every preprocessing string (a key named `pp` anywhere in the config) is
+  parsed now, so an unknown op or a bad argument fails in a second, not after
+  minutes of compilation the way it does in big_vision. So do image sizes
+  that the model's patch does not divide (check_image_patch) and runs or
+  weights to start from that do not exist (check_init_paths).
+  """
+  config_lib.validate(config)
+  for path, value in walk(config):
+    if path.rsplit(".", 1)[-1] == "pp" and value is not None:
+      try:
+        preprocess.parse(value)
+      except preprocess.PreprocessError as e:
+        raise ConfigError(f"config.{path}: {e}") from None
+  check_image_patch(config)
+  check_init_paths(config)
+
 
 def variant_patch(variant) -> tuple[int, int] | None:
   """The patch a ViT/DiT variant string names: "mu/8" -> (8, 8), "B/16x8" ->

@@ -14,7 +14,10 @@ import os
 
 import ml_collections
 
-from multimodal import config_lib, trainer
+from multimodal.config import config_lib
+from multimodal.tasks import config_checks
+from multimodal.parallel import sharding
+from multimodal.train import trainer
 
 
 def cache_workdir(config, cache_root: str, name: str) -> str:
@@ -33,11 +36,11 @@ def _run_config(config_spec: str, *, data_dir: str | None, shapes_world: dict | 
       config.input.shapes_world = dict(shapes_world)
     for key, value in (overrides or {}).items():
       config_lib.set_dotted(config, key, value)
-  config_lib.validate(config)
+  config_checks.check(config)
   return config
 
 
-def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
+def ensure_trained(config_spec: str, task_class, *, cache_root: str, data_dir: str | None,
                    shapes_world: dict | None, overrides: dict | None = None) -> str:
   """The workdir of a finished run of `config_spec`, training it if needed.
 
@@ -45,9 +48,10 @@ def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
   that asks for it: a recognizer is trained on the world it judges, a text
   encoder on the captions it will encode. `overrides` ({"dotted.key":
   value}) are set on its config too (a VLM's earlier stages get its vision
-  tower).
+  tower). `task_class` is the Task the run must be (the caller knows: a
+  recognizer is a classifier); taking it here, not from the tasks table,
+  keeps the tasks that need other runs free of an import cycle.
   """
-  from multimodal import tasks  # Deferred: tasks import this module.
   config = _run_config(config_spec, data_dir=data_dir, shapes_world=shapes_world,
                        overrides=overrides)
   name = os.path.splitext(os.path.basename(config_spec.partition(":")[0]))[0]
@@ -55,18 +59,18 @@ def ensure_trained(config_spec: str, *, cache_root: str, data_dir: str | None,
   if not os.path.exists(os.path.join(workdir, "results.json")):
     print(f"Training {config_spec} into {workdir}, which this run needs (once; "
           "later runs reuse it).")
-    trainer.train(tasks.get(config.task)(config), config, workdir)
+    trainer.train(task_class(config), config, workdir)
   return workdir
 
 
-def resolve(run, *, cache_root: str, data_dir: str | None, shapes_world: dict | None,
+def resolve(run, task_class, *, cache_root: str, data_dir: str | None, shapes_world: dict | None,
             overrides: dict | None = None) -> str:
   """A config's reference to another run, {"workdir", "config"}: the given
   workdir, or else a cached run of `config` trained on first use into
   `cache_root` (see ensure_trained for the other arguments)."""
   if run.get("workdir"):
     return run.workdir
-  return ensure_trained(run.config, cache_root=cache_root, data_dir=data_dir,
+  return ensure_trained(run.config, task_class, cache_root=cache_root, data_dir=data_dir,
                         shapes_world=shapes_world, overrides=overrides)
 
 
@@ -86,13 +90,12 @@ def describe(run) -> str:
   return f"in {run.workdir!r}" if run.get("workdir") else f"of {run.config!r}"
 
 
-def eval_params(workdir: str) -> dict:
+def eval_params(workdir: str, task_class) -> dict:
   """The eval params (EMA if kept) of a run's latest checkpoint, on host."""
   import jax
 
-  from multimodal import sharding, tasks  # Deferred: tasks import this module.
   config = config_lib.load_workdir_config(workdir)
-  task = tasks.get(config.task)(config)
+  task = task_class(config)
   mesh = sharding.make_mesh({"data": -1})
   state = trainer.restore_latest(task, config, workdir, mesh)
   return jax.device_get(trainer.eval_params(state))

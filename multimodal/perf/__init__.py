@@ -1,0 +1,1 @@
+"""Analytic FLOPs and speed/memory measurement."""

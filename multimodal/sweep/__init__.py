@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: points, where they run, and their report."""
