@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from multimodal.config import config_lib
+
 # config.task -> "module:Class", imported on demand so a task's heavy
 # dependencies load only when it runs.
 _TASKS = {
@@ -16,9 +18,9 @@ _TASKS = {
     "vlm": "multimodal.tasks.vlm:VisionLanguageTask",
 }
 
-
 def get(name: str):
   if name not in _TASKS:
-    raise ValueError(f"unknown config.task '{name}'; known tasks: {sorted(_TASKS)}.")
+    raise config_lib.ConfigError(
+        f"unknown config.task '{name}'; known tasks: {', '.join(sorted(_TASKS))}.")
   module, cls = _TASKS[name].split(":")
   return getattr(importlib.import_module(module), cls)

@@ -54,13 +54,26 @@ class Task(abc.ABC):
   def loss_fn(self, params, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """(scalar loss, dict of scalar metrics) on one global batch."""
 
-  @abc.abstractmethod
+  # {config.evals.NAME.type: factory(self, name, cfg, mesh, workdir) -> evaluator}.
+  # tasks.EVALUATOR_TYPES names the same types, so that a config is checked
+  # without importing a task's model code (tests/test_tasks_table.py).
+  EVALUATORS: dict[str, Callable] = {}
+
   def evaluators(self, mesh, workdir: str | None = None) -> list:
-    """Objects with `.name` and `.run(params) -> dict[str, float]`.
+    """Objects with `.name` and `.run(params) -> dict[str, float]`, one per
+    entry of config.evals, built by the factory its `type` names.
 
     `workdir` is where evaluators that write files (sample grids) put them;
     None when there is no run directory.
     """
+    result = []
+    for name, cfg in sorted(self.config.evals.items()):
+      if cfg.type not in self.EVALUATORS:
+        raise config_lib.ConfigError(
+            f"config.evals.{name}.type={cfg.type!r}; this task knows "
+            f"{', '.join(map(repr, self.EVALUATORS))}.")
+      result.append(self.EVALUATORS[cfg.type](self, name, cfg, mesh, workdir))
+    return result
 
   @abc.abstractmethod
   def train_pp(self) -> Callable:

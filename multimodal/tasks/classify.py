@@ -58,19 +58,15 @@ class ClassificationTask(base.Task):
       total = total + loss
     return total, metrics
 
-  def evaluators(self, mesh, workdir=None):
-    del workdir  # These evaluators write no files.
+  def _accuracy(self, name, cfg, mesh, workdir):
+    del workdir  # It writes no files.
     predict = self.predict_fn(mesh)
-    result = []
-    for name, cfg in sorted(self.config.evals.items()):
-      if cfg.type != "classification":
-        raise ValueError(f"config.evals.{name}.type={cfg.type!r}; this task "
-                         "knows 'classification'.")
-      filter_fn = pipeline.is_single_object if cfg.get("single_object_only") else None
-      result.append(classification.Accuracy(
-          name=name, heads=sorted(self.heads),
-          batches=self.eval_batches(
-              mesh, split=cfg.split, pp_fn=preprocess.build(cfg.pp), filter_fn=filter_fn,
-              batch_size=cfg.get("batch_size", self.config.input.batch_size)),
-          logits=lambda params, images: predict(params, images)[0]))
-    return result
+    filter_fn = pipeline.is_single_object if cfg.get("single_object_only") else None
+    return classification.Accuracy(
+        name=name, heads=sorted(self.heads),
+        batches=self.eval_batches(
+            mesh, split=cfg.split, pp_fn=preprocess.build(cfg.pp), filter_fn=filter_fn,
+            batch_size=cfg.get("batch_size", self.config.input.batch_size)),
+        logits=lambda params, images: predict(params, images)[0])
+
+  EVALUATORS = {"classification": _accuracy}

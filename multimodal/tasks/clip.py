@@ -48,6 +48,7 @@ class ContrastiveTask(base.Task):
 
   def __init__(self, config):
     super().__init__(config)
+    self._encoders_by_mesh = {}
     if config.loss not in LOSSES:
       raise ValueError(f"config.loss={config.loss!r} is not one of {LOSSES}.")
     loss_impl(config)  # A wrong choice fails now, not at the first step.
@@ -171,40 +172,46 @@ class ContrastiveTask(base.Task):
       metrics["bias"] = aux["b"]
     return loss, metrics
 
-  def evaluators(self, mesh, workdir=None):
-    del workdir  # These evaluators write no files.
-    encode_images = jax.jit(
-        lambda params, images: self.model.apply(
-            {"params": params}, images, method=self.model.embed_image)[0],
-        out_shardings=sharding.batch_sharding(mesh))
-    embed_tokens = jax.jit(
-        lambda params, tokens: self.model.apply(
-            {"params": params}, tokens, method=self.model.embed_text)[0],
-        out_shardings=sharding.replicated(mesh))
+  def _encoders(self, mesh):
+    """(encode_images, embed_tokens, encode_texts), jitted once per mesh and
+    shared by every evaluator, so each compiles once."""
+    if mesh not in self._encoders_by_mesh:
+      encode_images = jax.jit(
+          lambda params, images: self.model.apply(
+              {"params": params}, images, method=self.model.embed_image)[0],
+          out_shardings=sharding.batch_sharding(mesh))
+      embed_tokens = jax.jit(
+          lambda params, tokens: self.model.apply(
+              {"params": params}, tokens, method=self.model.embed_text)[0],
+          out_shardings=sharding.replicated(mesh))
 
-    def encode_texts(params, texts):
-      return embed_tokens(params, self.tokenizer.encode(list(texts), self.max_len))
+      def encode_texts(params, texts):
+        return embed_tokens(params, self.tokenizer.encode(list(texts), self.max_len))
 
-    result = []
-    for name, cfg in sorted(self.config.evals.items()):
-      pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
-      filter_fn = (pipeline.is_single_object
-                   if cfg.get("single_object_only") else None)
-      batches = self.eval_batches(
-          mesh, split=cfg.split, pp_fn=pp_fn, filter_fn=filter_fn,
-          batch_size=cfg.get("batch_size", self.config.input.batch_size))
-      if cfg.type == "zero_shot":
-        result.append(zero_shot.ZeroShotClassification(
-            name=name, batches=batches,
-            class_names=self.source.class_names(cfg.classes),
-            templates=templates.get(cfg.templates),
-            encode_texts=encode_texts, encode_images=encode_images))
-      elif cfg.type == "retrieval":
-        result.append(retrieval.Retrieval(
-            name=name, batches=batches, encode_images=encode_images,
-            encode_tokens=embed_tokens))
-      else:
-        raise ValueError(
-            f"config.evals.{name}.type={cfg.type!r}; this task knows "
-            "'zero_shot' and 'retrieval'.")
-    return result
+      self._encoders_by_mesh[mesh] = encode_images, embed_tokens, encode_texts
+    return self._encoders_by_mesh[mesh]
+
+  def _eval_batches(self, cfg, mesh):
+    pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
+    filter_fn = pipeline.is_single_object if cfg.get("single_object_only") else None
+    return self.eval_batches(
+        mesh, split=cfg.split, pp_fn=pp_fn, filter_fn=filter_fn,
+        batch_size=cfg.get("batch_size", self.config.input.batch_size))
+
+  def _zero_shot(self, name, cfg, mesh, workdir):
+    del workdir  # It writes no files.
+    encode_images, _, encode_texts = self._encoders(mesh)
+    return zero_shot.ZeroShotClassification(
+        name=name, batches=self._eval_batches(cfg, mesh),
+        class_names=self.source.class_names(cfg.classes),
+        templates=templates.get(cfg.templates),
+        encode_texts=encode_texts, encode_images=encode_images)
+
+  def _retrieval(self, name, cfg, mesh, workdir):
+    del workdir  # It writes no files.
+    encode_images, embed_tokens, _ = self._encoders(mesh)
+    return retrieval.Retrieval(
+        name=name, batches=self._eval_batches(cfg, mesh), encode_images=encode_images,
+        encode_tokens=embed_tokens)
+
+  EVALUATORS = {"zero_shot": _zero_shot, "retrieval": _retrieval}

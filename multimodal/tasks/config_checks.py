@@ -15,7 +15,16 @@ from multimodal.data import preprocess
 from multimodal.models import variants
 
 
-# -- Image size against patch size -------------------------------------------------
+# config.task -> the `config.evals.*.type`s its class's EVALUATORS table
+# builds, named here (not imported from the classes) so that checking a
+# config needs no JAX; tests/test_tasks_table.py keeps the two equal.
+EVALUATOR_TYPES = {
+    "classify": ("classification",),
+    "clip": ("zero_shot", "retrieval"),
+    "dit": ("samples", "denoising_loss", "quality"),
+    "vlm": ("vqa", "captioning"),
+}
+
 
 def check(config) -> None:
   """Checks what can be checked before anything compiles.
@@ -27,6 +36,7 @@ def check(config) -> None:
   weights to start from that do not exist (check_init_paths).
   """
   config_lib.validate(config)
+  check_evaluators(config)
   for path, value in walk(config):
     if path.rsplit(".", 1)[-1] == "pp" and value is not None:
       try:
@@ -35,6 +45,9 @@ def check(config) -> None:
         raise ConfigError(f"config.{path}: {e}") from None
   check_image_patch(config)
   check_init_paths(config)
+
+
+# -- Image size against patch size -------------------------------------------------
 
 
 def variant_patch(variant) -> tuple[int, int] | None:
@@ -228,3 +241,19 @@ def _check_run_dir(key: str, workdir: str, spec_key: str | None) -> None:
   if not steps:
     raise ConfigError(f"{key}={workdir!r} has no checkpoint to start from "
                       f"(no checkpoints/<step> in it): let that run save one first. {fix}")
+
+
+def check_evaluators(config) -> None:
+  """config.task is a task, and each config.evals entry a type it builds."""
+  task = config.get("task")
+  if task not in EVALUATOR_TYPES:
+    raise config_lib.ConfigError(
+        f"unknown config.task {task!r}; known tasks: {', '.join(sorted(EVALUATOR_TYPES))} "
+        "(e.g. --config.task=clip).")
+  known = EVALUATOR_TYPES[task]
+  for name, cfg in sorted((config.get("evals") or {}).items()):
+    kind = cfg.get("type") if is_node(cfg) else None
+    if kind not in known:
+      raise config_lib.ConfigError(
+          f"config.evals.{name}.type={kind!r}: a '{task}' run knows "
+          f"{', '.join(map(repr, known))}; fix the type or remove the entry.")

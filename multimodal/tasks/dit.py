@@ -323,43 +323,35 @@ class DiffusionTask(base.Task):
       return jnp.clip(x, -1, 1)
     return jax.jit(sample, out_shardings=sharding.replicated(mesh))
 
-  def evaluators(self, mesh, workdir=None):
-    result = []
-    for name, cfg in sorted(self.config.evals.items()):
-      if cfg.type == "samples":
-        labels = np.arange(self.num_labels, dtype=np.int32)[:cfg.get("num", 64)]
-        sample = self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
-                              sampler=cfg.get("sampler", "ddim"))
-        result.append(generation.SampleGrid(
-            name=name, labels=labels, cols=cfg.get("cols", 8), output_dir=workdir,
-            sample=lambda params, labels, sample=sample: sample(
-                params, self.condition_for_labels(labels))))
-      elif cfg.type == "denoising_loss":
-        filter_fn = self.train_filter()
-        batches = self.eval_batches(
-            mesh, split=cfg.split, pp_fn=self._pp(cfg.pp), filter_fn=filter_fn,
-            batch_size=cfg.get("batch_size", self.config.input.batch_size))
-        # A fixed key: every evaluation sees the same timesteps and noise.
-        loss = jax.jit(lambda params, batch: self._losses(
-            params, self.random_draws(batch, jax.random.key(0), train=False))["loss"])
-        result.append(generation.DenoisingLoss(name=name, batches=batches, loss=loss))
-      elif cfg.type == "quality":
-        result.append(self._quality_evaluator(name, cfg, mesh))
-      else:
-        raise ValueError(
-            f"config.evals.{name}.type={cfg.type!r}; this task knows "
-            "'samples', 'denoising_loss' and 'quality'.")
-    return result
+  def _samples(self, name, cfg, mesh, workdir):
+    labels = np.arange(self.num_labels, dtype=np.int32)[:cfg.get("num", 64)]
+    sample = self.sampler(mesh, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                          sampler=cfg.get("sampler", "ddim"))
+    return generation.SampleGrid(
+        name=name, labels=labels, cols=cfg.get("cols", 8), output_dir=workdir,
+        sample=lambda params, labels: sample(params, self.condition_for_labels(labels)))
 
-  def _quality_evaluator(self, name, cfg, mesh):
+  def _denoising_loss(self, name, cfg, mesh, workdir):
+    del workdir  # It writes no files.
+    batches = self.eval_batches(
+        mesh, split=cfg.split, pp_fn=self._pp(cfg.pp), filter_fn=self.train_filter(),
+        batch_size=cfg.get("batch_size", self.config.input.batch_size))
+    # A fixed key: every evaluation sees the same timesteps and noise.
+    loss = jax.jit(lambda params, batch: self._losses(
+        params, self.random_draws(batch, jax.random.key(0), train=False))["loss"])
+    return generation.DenoisingLoss(name=name, batches=batches, loss=loss)
+
+  def _quality(self, name, cfg, mesh, workdir):
     """Conditional accuracy and FID under a shape-and-colour recognizer."""
-    workdir = cfg.get("recognizer_workdir") or trained_runs.ensure_trained(
-        cfg.recognizer, classify.ClassificationTask, cache_root=os.path.join(self.source.data_dir, "recognizers"),
+    del workdir  # It writes no files; the recognizer's run has its own.
+    recognizer_dir = cfg.get("recognizer_workdir") or trained_runs.ensure_trained(
+        cfg.recognizer, classify.ClassificationTask,
+        cache_root=os.path.join(self.source.data_dir, "recognizers"),
         data_dir=self.config.input.get("data_dir"),
         shapes_world=self.config.input.get("shapes_world"))
-    recognizer = recognizer_lib.Recognizer(workdir, mesh)
+    recognizer = recognizer_lib.Recognizer(recognizer_dir, mesh)
     if recognizer.heads != ["colour", "shape"]:
-      raise ValueError(f"config.evals.{name}: the recognizer in {workdir} has heads "
+      raise ValueError(f"config.evals.{name}: the recognizer in {recognizer_dir} has heads "
                        f"{recognizer.heads}; scoring (shape, colour) classes needs "
                        "heads 'shape' and 'colour' (configs/shapes_classifier.py).")
     labels = np.arange(self.num_labels, dtype=np.int32)
@@ -378,3 +370,5 @@ class DiffusionTask(base.Task):
                             sampler=cfg.get("sampler", "ddim")),
         put=lambda labels: jax.device_put(self.condition_for_labels(labels),
                                           sharding.batch_sharding(mesh)))
+
+  EVALUATORS = {"samples": _samples, "denoising_loss": _denoising_loss, "quality": _quality}

@@ -250,28 +250,30 @@ class VisionLanguageTask(base.Task):
 
   # --- evaluators ------------------------------------------------------
 
-  def evaluators(self, mesh, workdir=None):
-    del workdir
-    result = []
-    for name, cfg in sorted(self.config.evals.items()):
-      pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
-      batches = self.eval_batches(mesh, split=cfg.split, pp_fn=pp_fn,
-                                  batch_size=cfg.get("batch_size", self.config.input.batch_size))
-      generate = self.generate_fn(cfg.max_new_tokens)
+  def _generation_inputs(self, cfg, mesh):
+    """(batches, outputs): the eval split's batches, and the model's text for
+    a batch's images and prompts, up to cfg.max_new_tokens."""
+    pp_fn = preprocess.build(cfg.pp, tokenizer=self.tokenizer)
+    batches = self.eval_batches(mesh, split=cfg.split, pp_fn=pp_fn,
+                                batch_size=cfg.get("batch_size", self.config.input.batch_size))
+    generate = self.generate_fn(cfg.max_new_tokens)
 
-      def outputs(params, batch, generate=generate, cfg=cfg):
-        prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p)
-                   for p in np.asarray(batch["prompt"])]
-        return self.answer(params, batch["image"], prompts,
-                           max_new_tokens=cfg.max_new_tokens, generate=generate)
+    def outputs(params, batch):
+      prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p)
+                 for p in np.asarray(batch["prompt"])]
+      return self.answer(params, batch["image"], prompts,
+                         max_new_tokens=cfg.max_new_tokens, generate=generate)
+    return batches, outputs
 
-      if cfg.type == "vqa":
-        result.append(vqa.VQAAccuracy(name=name, batches=batches, answer_fn=outputs))
-      elif cfg.type == "captioning":
-        result.append(captioning.CaptionQuality(name=name, batches=batches,
-                                                caption_fn=outputs))
-      else:
-        raise ValueError(f"config.evals.{name}.type={cfg.type!r}; this task knows "
-                         "'vqa' and 'captioning'.")
-    return result
+  def _vqa(self, name, cfg, mesh, workdir):
+    del workdir  # It writes no files.
+    batches, outputs = self._generation_inputs(cfg, mesh)
+    return vqa.VQAAccuracy(name=name, batches=batches, answer_fn=outputs)
+
+  def _captioning(self, name, cfg, mesh, workdir):
+    del workdir  # It writes no files.
+    batches, outputs = self._generation_inputs(cfg, mesh)
+    return captioning.CaptionQuality(name=name, batches=batches, caption_fn=outputs)
+
+  EVALUATORS = {"vqa": _vqa, "captioning": _captioning}
 
