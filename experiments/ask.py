@@ -11,6 +11,7 @@ import sys
 
 from absl import flags
 
+from experiments import flags_cli
 from experiments.common import fail, user_errors
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A run of configs/vlm_shapes.py.")
@@ -22,7 +23,7 @@ TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperat
 
 
 def main(argv: list[str], *, caption: bool) -> None:
-  rest = flags.FLAGS(argv)[1:]
+  rest = flags_cli.parse(argv, __doc__)
   if not WORKDIR.value or not IMAGE.value:
     fail("give --workdir DIR (a VLM run) and --image PATH (a file or a folder).")
   if caption and rest:

@@ -31,6 +31,7 @@ import sys
 
 from absl import flags
 
+from experiments import flags_cli
 from experiments.common import fail
 
 KNOWN = ("clip", "dit", "vlm")
@@ -78,7 +79,7 @@ def machine() -> dict:
 
 
 def main(argv: list[str]) -> None:
-  flags.FLAGS(argv)
+  flags_cli.parse(argv, __doc__)
   unknown = [f for f in FAMILIES.value if f not in KNOWN]
   if unknown:
     fail(f"unknown --families {unknown}; benchmarks exist for {list(KNOWN)}.")

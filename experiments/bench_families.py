@@ -92,7 +92,6 @@ def clip_rows(settings: Settings, data_dir: str | None) -> list[dict]:
   rows.append(before_row("last blocks on the pooled tokens only", rows[0], config, settings,
                          config_before={f"model.{tower}.last_block_pooled_only": False
                                         for tower in ("image", "text")}))
-  rows.append(before_row("buffers donated", rows[0], config, settings, donate=False))
   if not settings.smoke:  # Two more processes; the suite's smoke run has DiT's.
     rows.append(allocator_row("clip", batch, settings, data_dir))
   rows += loop_rows("clip", bench, settings, steps=3 if settings.smoke else LOOP_STEPS)
@@ -201,13 +200,10 @@ def _dit_sampler_rows(bench, settings: Settings, shape: dict) -> list[dict]:
 
 def vlm_rows(settings: Settings, data_dir: str | None) -> list[dict]:
   """The VLM's stage-tune train step (vision tower frozen, as configured)
-  before and after frozen parameters stopped being differentiated, and its
-  decoding."""
+  and its decoding."""
   with tempfile.TemporaryDirectory() as vision_dir:
     config = vlm_config(settings, data_dir, vision_dir)
     rows, _ = train_rows("vlm", config, settings)
-    rows.append(before_row("frozen vision tower not differentiated", rows[0], config,
-                           settings, frozen_backward=True))
   return rows + decode_rows(settings)
 
 

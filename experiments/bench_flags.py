@@ -20,6 +20,7 @@ import sys
 from absl import flags
 
 from experiments import bench_process
+from experiments import flags_cli
 from experiments.common import fail
 
 KNOWN = bench_process.FAMILIES
@@ -78,7 +79,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  flags.FLAGS(argv)
+  flags_cli.parse(argv, __doc__)
   unknown = [f for f in FAMILIES.value if f not in KNOWN]
   if unknown:
     fail(f"unknown --families {unknown}; bench-flags times the train steps of {list(KNOWN)}.")

@@ -88,8 +88,7 @@ class StepBench:
   state), minus checkpoints and pretrained weights: speed does not depend on
   the values of the weights."""
 
-  def __init__(self, config, **step_options):
-    """`step_options`: trainer.make_train_step's before/after switches."""
+  def __init__(self, config):
     self.config = config
     self.task = tasks.get(config.task)(config)
     self.mesh = sharding.make_mesh(config.mesh)
@@ -99,7 +98,7 @@ class StepBench:
           self.task, config, self.mesh, total_steps=1000)
       self.state = init_fn()
       self.step_fn = trainer.make_train_step(
-          self.task, config, tx, schedule, shardings, self.mesh, **step_options)
+          self.task, config, tx, schedule, shardings, self.mesh)
     self.batch = next(self.global_batches())
 
   def dataset(self):
@@ -176,18 +175,18 @@ def train_rows(name: str, config, settings: Settings, peer_name: str | None = No
 
 
 def before_row(change: str, after: dict, config, settings: Settings, *,
-               config_before: dict | None = None, **before_options) -> dict:
-  """A speed change's before/after row: the train step as it runs now
-  (`after`, a train_rows step row) beside the step built with
-  `before_options` (make_train_step's switches) and/or the config values
-  `config_before` (dotted keys), which undo the change. The "peer" is the
-  old code, so ours/peer is the speed-up; peak memory is reported for both."""
-  undone = {**(config_before or {}), **before_options}
-  if config_before:
-    config = config.copy_and_resolve_references()
-    config.update_from_flattened_dict(config_before)
+               config_before: dict) -> dict:
+  """A config option's before/after row: the train step as it runs now
+  (`after`, a train_rows step row) beside the step with the config values
+  `config_before` (dotted keys), which turn the option off. The "peer" is
+  the step without it, so ours/peer is the option's speed-up; peak memory
+  is reported for both. (A change of code, not of an option, is measured
+  by running the bench at the revision before it.)"""
+  undone = dict(config_before)
+  config = config.copy_and_resolve_references()
+  config.update_from_flattened_dict(config_before)
   measure.reset_peak_memory()
-  before = StepBench(config, **before_options)
+  before = StepBench(config)
   _, seconds = before.time_steps(dataclasses.replace(settings, profile_dir=None), "", {})
   return row(f"{after['benchmark']}, {change}", "examples/s", after["ours"],
              seconds=after["step_ms"] / 1e3, peak_mib=after["peak_mib"],

@@ -9,6 +9,7 @@ import sys
 
 from absl import flags
 
+from experiments import flags_cli
 from experiments.common import define_model_flags, fail, user_errors
 
 WORKDIR, HF = define_model_flags()
@@ -19,7 +20,7 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
 
 
 def main(argv: list[str]) -> None:
-  flags.FLAGS(argv)
+  flags_cli.parse(argv, __doc__)
   if not OUT.value:
     fail("give --out FILE.npz, where the index goes.")
   if not (IMAGES.value or TEXTS.value):

@@ -16,6 +16,7 @@ import sys
 
 from absl import flags
 
+from experiments import flags_cli
 from experiments.common import define_model_flags, fail, user_errors
 
 WORKDIR, HF = define_model_flags()
@@ -112,7 +113,7 @@ def run_benchmarks() -> None:
 
 
 def main(argv: list[str]) -> None:
-  flags.FLAGS(argv)
+  flags_cli.parse(argv, __doc__)
   if not BENCHMARKS.value:
     if HF.value or not WORKDIR.value:
       fail("give --benchmarks LIST (e.g. --benchmarks cifar10,folder:/data/pets), or "

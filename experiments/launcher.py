@@ -1,24 +1,25 @@
 """`./launch.sh run CONFIG ... (--procs N | --slurm ... | --tpu NAME ...)`:
 one training command fanned out to the processes of a multi-process job.
 
-  --procs N [--devices-per-proc K]
+  --procs N [--devices_per_proc K]
       N local copies on 127.0.0.1 (CPU collectives via gloo), joined through
       MM_COORDINATOR / MM_NUM_PROCESSES / MM_PROCESS_ID; K simulated CPU
       devices each. Output is prefixed with each process's index; when one
       fails, the others are stopped after a grace period.
-  --slurm --nodes N [--gpus-per-node G] [--task-per-gpu] [--partition P]
+  --slurm --nodes N [--gpus_per_node G] [--task_per_gpu] [--partition P]
           [--time T] [--account A]
       writes WORKDIR/launch.sbatch (`srun ./launch.sh run ...` on every task)
       and submits it with sbatch.
-  --tpu NAME --zone Z [--project P] [--remote-dir DIR]
+  --tpu NAME --zone Z [--project P] [--remote_dir DIR]
       the same `./launch.sh run ...` on every worker of a Cloud TPU VM, via
       `gcloud compute tpus tpu-vm ssh NAME --worker=all`.
-  --dry-run
+  --dry_run
       prints what would run (and, for --slurm, still writes the script).
 
 The workdir is fixed here, once, before the fan-out, so that every process
 writes to (and resumes from) the same place. Everything else on the command
-line is passed through unchanged.
+line is passed through unchanged. Every flag here may also be spelt with
+dashes (--dry-run, --gpus-per-node).
 """
 from __future__ import annotations
 
@@ -36,15 +37,24 @@ from multimodal.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("procs", "slurm", "tpu")
-# Flag -> (kind, mode it belongs to; None: any mode).
+# Flag -> (kind, mode it belongs to (None: any mode), meaning). Underscores are
+# canonical, as absl's; split_args also takes the dashed spelling.
 FLAGS = {
-    "procs": (int, "procs"), "devices-per-proc": (int, "procs"),
-    "slurm": (bool, "slurm"), "nodes": (int, "slurm"),
-    "gpus-per-node": (int, "slurm"), "task-per-gpu": (bool, "slurm"),
-    "partition": (str, "slurm"), "time": (str, "slurm"), "account": (str, "slurm"),
-    "tpu": (str, "tpu"), "zone": (str, "tpu"), "project": (str, "tpu"),
-    "remote-dir": (str, "tpu"),
-    "dry-run": (bool, None),
+    "procs": (int, "procs", "Run N local processes (CPU collectives via gloo)."),
+    "devices_per_proc": (int, "procs", "With --procs: K simulated CPU devices per process."),
+    "slurm": (bool, "slurm", "Write WORKDIR/launch.sbatch and submit it with sbatch."),
+    "nodes": (int, "slurm", "With --slurm: how many nodes."),
+    "gpus_per_node": (int, "slurm", "With --slurm: GPUs per node (#SBATCH --gpus-per-node)."),
+    "task_per_gpu": (bool, "slurm", "With --slurm: one task per GPU instead of one per node."),
+    "partition": (str, "slurm", "With --slurm: #SBATCH --partition."),
+    "time": (str, "slurm", "With --slurm: #SBATCH --time, e.g. 4:00:00."),
+    "account": (str, "slurm", "With --slurm: #SBATCH --account."),
+    "tpu": (str, "tpu", "Run on every worker of this Cloud TPU VM (gcloud ... ssh --worker=all)."),
+    "zone": (str, "tpu", "With --tpu: the TPU VM's zone, e.g. us-central2-b."),
+    "project": (str, "tpu", "With --tpu: the Google Cloud project."),
+    "remote_dir": (str, "tpu", "With --tpu: the checkout on the workers (default: this one's path)."),
+    "dry_run": (bool, None, "Print what would run instead of running it "
+                "(--slurm still writes the script)."),
 }
 GRACE_SECONDS = 10.0  # How long the other local processes get after one fails.
 
@@ -71,16 +81,17 @@ def split_args(argv: list[str]) -> tuple[dict, list[str]]:
   while i < len(argv):
     arg = argv[i]
     name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+    name = name.replace("-", "_")
     if name not in FLAGS:
       rest.append(arg)
       i += 1
       continue
-    kind, _ = FLAGS[name]
+    kind = FLAGS[name][0]
     if name in options:
       raise LaunchError(f"--{name} is given twice.")
     if kind is bool:
       if eq:
-        raise LaunchError(f"--{name} takes no value (got --{arg[2:]}).")
+        raise LaunchError(f"--{name} takes no value (got {arg}).")
       options[name] = True
       i += 1
       continue
@@ -119,14 +130,14 @@ def validate(options: dict) -> Launch:
       raise LaunchError(f"--{name}={options[name]} must be at least {minimum}.")
   if mode == "procs":
     positive("procs")
-    positive("devices-per-proc")
+    positive("devices_per_proc")
   elif mode == "slurm":
     if "nodes" not in options:
-      raise LaunchError("--slurm needs --nodes N (and --gpus-per-node G on GPU nodes).")
+      raise LaunchError("--slurm needs --nodes N (and --gpus_per_node G on GPU nodes).")
     positive("nodes")
-    positive("gpus-per-node", 0)
-    if options.get("task-per-gpu") and not options.get("gpus-per-node"):
-      raise LaunchError("--task-per-gpu needs --gpus-per-node G.")
+    positive("gpus_per_node", 0)
+    if options.get("task_per_gpu") and not options.get("gpus_per_node"):
+      raise LaunchError("--task_per_gpu needs --gpus_per_node G.")
   else:
     if not options["tpu"]:
       raise LaunchError("--tpu needs the TPU VM's name.")
@@ -140,6 +151,23 @@ def _workdir_index(rest: list[str]) -> int | None:
     if arg == "--workdir" or arg.startswith("--workdir="):
       return i
   return None
+
+
+def without_workdir(rest: list[str]) -> list[str]:
+  """`rest` without its --workdir (`--workdir=DIR` or `--workdir DIR`)."""
+  i = _workdir_index(rest)
+  if i is None:
+    return list(rest)
+  return rest[:i] + rest[i + (1 if "=" in rest[i] else 2):]
+
+
+def help_text() -> str:
+  """The launcher's flags for `./launch.sh run --help`."""
+  lines = ["\nMulti-process launch (experiments/launcher.py; --name-with-dashes also works):"]
+  for name, (kind, _, meaning) in FLAGS.items():
+    value = {int: "=N", str: "=VALUE", bool: ""}[kind]
+    lines.append(f"  --{name}{value}: {meaning}")
+  return "\n".join(lines)
 
 
 def with_workdir(rest: list[str], workdir: str) -> list[str]:
@@ -175,8 +203,8 @@ def local_command(rest: list[str]) -> list[str]:
 
 def sbatch_script(rest: list[str], options: dict, workdir: str, repo: str = REPO) -> str:
   """The batch script: one `srun ./launch.sh run ...` over every task."""
-  gpus = options.get("gpus-per-node") or 0
-  tasks = gpus if options.get("task-per-gpu") else 1
+  gpus = options.get("gpus_per_node") or 0
+  tasks = gpus if options.get("task_per_gpu") else 1
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={shlex.quote('mm-' + os.path.basename(os.path.normpath(workdir)))}",
            f"#SBATCH --nodes={options['nodes']}",
@@ -193,7 +221,7 @@ def sbatch_script(rest: list[str], options: dict, workdir: str, repo: str = REPO
       "set -euo pipefail",
       f"cd {shlex.quote(repo)}",
       "# Install or update .venv once, here, before the tasks share it.",
-      "./launch.sh help > /dev/null",
+      "./launch.sh install",
       f"srun --kill-on-bad-exit=1 ./launch.sh run {shlex.join(rest[1:])}",
   ]
   return "\n".join(lines) + "\n"
@@ -201,7 +229,7 @@ def sbatch_script(rest: list[str], options: dict, workdir: str, repo: str = REPO
 
 def tpu_command(rest: list[str], options: dict, repo: str = REPO) -> list[str]:
   """The gcloud command that runs the training command on every TPU worker."""
-  remote = (f"cd {shlex.quote(options.get('remote-dir') or repo)} && "
+  remote = (f"cd {shlex.quote(options.get('remote_dir') or repo)} && "
             f"{distributed.MODE}=auto ./launch.sh run {shlex.join(rest[1:])}")
   command = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", options["tpu"],
              f"--zone={options['zone']}"]
@@ -292,10 +320,10 @@ def _print_env_command(env: dict, command: list[str]) -> None:
 
 def launch(launch: Launch, rest: list[str], workdir: str) -> int:
   """Fans the training command `rest` (argv, program first) out; exit status."""
-  options, dry_run = launch.options, bool(launch.options.get("dry-run"))
+  options, dry_run = launch.options, bool(launch.options.get("dry_run"))
   rest = with_workdir(rest, workdir)
   if launch.mode == "procs":
-    count, devices = options["procs"], options.get("devices-per-proc")
+    count, devices = options["procs"], options.get("devices_per_proc")
     if dry_run:
       port = free_port()
       for i in range(count):
@@ -333,4 +361,4 @@ def _run_tool(command: list[str], tool: str, where: str) -> int:
     return subprocess.call(command)
   except FileNotFoundError:
     raise LaunchError(f"{tool} is not installed here: run this {where}, or add "
-                      "--dry-run to print the command.") from None
+                      "--dry_run to print the command.") from None

@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from experiments import flags_cli
 from experiments.common import fail
 
 WORKDIR = flags.DEFINE_string("workdir", None, "A DiT run written by `./launch.sh run`.")
@@ -24,10 +25,7 @@ OUT = flags.DEFINE_string("out", None, "PNG path (default: DIR/samples/<prompt>.
 
 
 def main(argv: list[str]) -> None:
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e))
+  flags_cli.parse(argv, __doc__)
   workdir = WORKDIR.value
   from multimodal.config import config_lib
   try:

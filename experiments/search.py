@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from experiments import flags_cli
 from experiments.common import fail, user_errors
 
 INDEX = flags.DEFINE_string("index", None, "An index written by ./launch.sh embed.")
@@ -19,7 +20,7 @@ K = flags.DEFINE_integer("k", 5, "How many results per kind.")
 
 
 def main(argv: list[str]) -> None:
-  flags.FLAGS(argv)
+  flags_cli.parse(argv, __doc__)
   if not INDEX.value:
     fail("give --index FILE.npz (written by ./launch.sh embed).")
   if (TEXT.value is None) == (IMAGE.value is None):

@@ -11,7 +11,7 @@ is reported and the others still run (exit status 1 at the end).
                  CUDA_VISIBLE_DEVICES, TPU chips by TPU_VISIBLE_CHIPS; on CPU
                  the K processes simply share the cores.
   --slurm        an sbatch array job, one task per unfinished point (at most K
-                 at once with --parallel K); --dry-run prints the script instead
+                 at once with --parallel K); --dry_run prints the script instead
                  of submitting it; --sbatch partition=gpu --sbatch time=4:00:00
                  adds #SBATCH lines.
   --collect      only (re)write sweep.csv, sweep.md and plots/*.png.
@@ -50,20 +50,8 @@ MODE = flags.DEFINE_enum("mode", "auto", ["auto", "max", "min"],
                          "Is higher or lower better? auto: min for loss/error-like names.")
 
 
-def _normalise(argv: list[str]) -> list[str]:
-  """--dry-run, --sweep-dir, ... spelt with dashes mean the underscored flags."""
-  out = []
-  for arg in argv:
-    if arg.startswith("--") and not arg.startswith(("--config", "--noconfig")):
-      name, sep, value = arg[2:].partition("=")
-      arg = "--" + name.replace("-", "_") + sep + value
-    out.append(arg)
-  return out
-
-
 def main(argv: list[str]) -> None:
-  argv = cli.normalise_argv(_normalise(argv))
-  cli.parse_flags(argv)
+  argv = cli.parse_flags(argv, __doc__)
   from multimodal.config import config_lib
   from multimodal.sweep import points as sweep, devices as sweep_devices
   if cli.WORKDIR.value:

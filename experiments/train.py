@@ -1,4 +1,4 @@
-"""`./launch.sh run [CONFIG[:ARGS]] [--workdir DIR] [--config.KEY=VALUE ...]`.
+"""`./launch.sh run [CONFIG[:ARGS]] [--workdir DIR] [--config.KEY=VALUE ...] [--print_config]`.
 
 Trains config.task with the generic trainer, then prints the results table.
 With --procs, --slurm or --tpu (experiments/launcher.py) it instead fans the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments import cli
+from experiments import cli, flags_cli
 from experiments.common import fail, user_errors
 
 
@@ -23,20 +23,24 @@ def run_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str]) -> None:
   from experiments import launcher
-  from multimodal.parallel import distributed
+  if flags_cli.wants_help(argv):
+    cli.parse_flags(argv, __doc__, extra_help=launcher.help_text())
   try:
     launch_options, argv = launcher.split_args(argv)
     launch = launcher.validate(launch_options) if launch_options else None
   except launcher.LaunchError as e:
     fail(str(e))
-  cli.parse_flags(argv)
+  argv = cli.parse_flags(argv, __doc__, extra_names=launcher.FLAGS)
   if launch is not None:
-    # Every process and node must agree on the workdir: fix it once, here.
+    # Every process and node must agree on the workdir: fix it once, here
+    # (absolute: a SLURM job or TPU worker starts from the repository).
     workdir = cli.WORKDIR.value or cli.default_workdir()
     try:
-      sys.exit(launcher.launch(launch, argv, workdir))
+      sys.exit(launcher.launch(launch, _launch_argv(argv), workdir))
     except launcher.LaunchError as e:
       fail(str(e))
+  # JAX loads here, once the flags and the config are known to be good.
+  from multimodal.parallel import distributed
   try:
     distributed.initialize()
   except distributed.DistributedError as e:
@@ -44,6 +48,15 @@ def main(argv: list[str]) -> None:
   from multimodal.train import preemption
   with distributed.leave_at_once_on_error(keep_exit_codes=(preemption.PREEMPTED_EXIT_CODE,)):
     _train_and_report()
+
+
+def _launch_argv(argv: list[str]) -> list[str]:
+  """argv as `PROGRAM CONFIG[:ARGS] ...` (the config file found), without
+  --workdir: what every process of a launch runs, with the agreed workdir."""
+  from experiments import launcher
+  i = next(i for i, a in enumerate(argv) if a.startswith("--config="))
+  rest = argv[:i] + argv[i + 1:]
+  return launcher.without_workdir([rest[0], argv[i].split("=", 1)[1], *rest[1:]])
 
 
 def _train_and_report() -> None:

@@ -301,15 +301,24 @@ def to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-# The repository root: config paths like "configs/x.py" resolve against it
-# when they are not found relative to the working directory.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root: config paths like "configs/x.py" (or just "x.py", one
+# of configs/) resolve against it when the caller has no such file.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Set by launch.sh to the directory it was called from before it cds into the
+# repository: a relative path on the command line is the caller's.
+CALLER_DIR_ENV = "MM_CALLER_DIR"
 
 
 def resolve_config_path(path: str) -> str:
-  if os.path.isfile(path) or os.path.isabs(path):
+  """`path` from the caller's directory, else the working directory, else the
+  repository, else the repository's configs/; as given if none has it."""
+  if os.path.isabs(path):
     return path
-  return os.path.join(REPO_ROOT, path)
+  caller = os.environ.get(CALLER_DIR_ENV)
+  for base in (caller, os.getcwd(), REPO_ROOT, os.path.join(REPO_ROOT, "configs")):
+    if base and os.path.isfile(os.path.join(base, path)):
+      return path if base == os.getcwd() else os.path.join(base, path)
+  return path
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -22,7 +22,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
+
+# Parsing a spec (what a config check does) needs no TensorFlow: it loads on
+# the first use of `tf`, when build()'s ops run, so a config typo fails fast.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 Op = Callable[[dict], dict]
 
