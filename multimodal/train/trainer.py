@@ -150,10 +150,10 @@ def restore_state(mngr, abstract: dict):
 
 
 def make_train_step(task, config, tx, schedule, state_shardings, mesh, *,
-                    donate: bool = True, frozen_backward: bool = False):
-  """The jitted step. `donate` (the state's buffers are reused for the new
-  state) and `frozen_backward` (differentiate frozen parameters too, as this
-  step once did) exist for the benchmark's before/after rows."""
+                    frozen_backward: bool = False):
+  """The jitted step; the state's buffers are donated to the new state.
+  `frozen_backward` differentiates frozen parameters too: the reference
+  that tests/test_scale.py holds the frozen step to (the same update)."""
   freeze = None if frozen_backward else config.get("freeze")
 
   def train_step(state, batch):
@@ -197,7 +197,7 @@ def make_train_step(task, config, tx, schedule, state_shardings, mesh, *,
   return jax.jit(train_step,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0 if donate else ())
+                 donate_argnums=0)
 
 
 def _check_health(metrics: dict, policy: str, mngr) -> None:
