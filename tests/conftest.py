@@ -6,6 +6,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Unit and integration tests compile many tiny programs once each, and run
+# them for a few steps: with LLVM's optimisations off XLA compiles them in
+# about two thirds of the time (tests/test_dit_model.py: 47 s -> 35 s), and
+# the processes those tests start inherit the flag, so an in-process
+# reference and a training process still compile alike. The runs that train
+# to a threshold (the quality tier) keep XLA's defaults: they start their
+# processes with `full_optimisation_env()`, so their numbers do not move.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAG
 # Under pytest-xdist each worker keeps to its own cores (worker i gets cores
 # i, i+n, ...), and so do the processes it starts. Left to share them, every
 # worker's XLA, TF and torch thread pools size themselves to all the cores and
@@ -44,6 +54,35 @@ TRAINED_CLIP_GROUP = "trained_clip"
 # A shapes world small enough to build in seconds, shared by every test that
 # trains or evaluates.
 TINY_WORLD = dict(image_size=32, train_examples=2_000, eval_examples=200, seed=0)
+
+
+# Every test carries exactly one of these (pyproject.toml describes them):
+# `-m unit` is the fast in-process tier, `-m "not quality"` skips the runs
+# that train to a threshold.
+TIERS = ("unit", "integration", "quality")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Refuses the session when a test has no tier marker or more than one, so
+  that `-m unit` and the others keep selecting every test exactly once."""
+  wrong = []
+  for item in items:
+    tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+    if len(tiers) != 1:
+      wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier'}")
+  if wrong:
+    raise pytest.UsageError(
+        f"each test needs exactly one of the markers {', '.join(TIERS)} "
+        "(a module's pytestmark or its own decorator):\n" + "\n".join(wrong))
+
+
+def full_optimisation_env() -> dict:
+  """os.environ without FAST_COMPILE_FLAG: for the processes of the runs
+  that train to a threshold, compiled as a user's run is."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if f != FAST_COMPILE_FLAG)
+  return env
 
 
 @contextlib.contextmanager
@@ -148,12 +187,22 @@ TINY_RECOGNIZER = "configs/shapes_classifier.py:variant=mu/8,steps=60,res=32,bat
 @pytest.fixture(scope="session")
 def recognizer_workdir(data_dir, tmp_path_factory):
   """A tiny shape-and-colour classifier, trained once per session the way a
-  DiT run trains its recognizer on first use."""
-  from multimodal.tasks import trained_runs
-  from multimodal.tasks.classify import ClassificationTask
-  return trained_runs.ensure_trained(
-      TINY_RECOGNIZER, ClassificationTask, cache_root=str(tmp_path_factory.mktemp("recognizers")),
-      data_dir=data_dir, shapes_world=TINY_WORLD)
+  DiT run trains its recognizer on first use. In a process of its own with
+  XLA's default optimisations: test_classify holds it to an accuracy."""
+  import json
+  import subprocess
+  import sys
+  code = ("import json, sys\n"
+          "from multimodal.tasks import trained_runs\n"
+          "from multimodal.tasks.classify import ClassificationTask\n"
+          "print(trained_runs.ensure_trained(sys.argv[1], ClassificationTask, cache_root=sys.argv[2],"
+          " data_dir=sys.argv[3], shapes_world=json.loads(sys.argv[4])))\n")
+  run = subprocess.run(
+      [sys.executable, "-c", code, TINY_RECOGNIZER, str(tmp_path_factory.mktemp("recognizers")),
+       data_dir, json.dumps(TINY_WORLD)],
+      cwd=ROOT, env=full_optimisation_env(), capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout.strip().splitlines()[-1]
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,6 +224,7 @@ def trained_clip(data_dir, tmp_path_factory):
           "configs/clip_shapes.py:variant=mu/8,text_variant=mu,steps=1800,res=64,batch=64",
           f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
           "--config.input.tokenizer.vocab_size=128", "--config.ckpt_steps=600", *world]
-  run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  run = subprocess.run(args, cwd=ROOT, env=full_optimisation_env(), capture_output=True,
+                       text=True, timeout=1200)
   assert run.returncode == 0, run.stderr[-3000:]
   return workdir, run

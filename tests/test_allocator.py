@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.integration
 
 LAUNCH_SH = os.path.join(ROOT, "launch.sh")
 OUTPUT_MIB = 64

@@ -13,6 +13,8 @@ from multimodal.parallel import sharding
 from multimodal.data import errors, pipeline, preprocess, sources
 from multimodal.data import tokenizer as tokenizer_lib
 
+pytestmark = pytest.mark.unit
+
 PP = ('decode|resize(8)|flip_lr|choice("captions", "text")|tokenize(16, "text")'
       '|keep("image", "tokens")')
 LONG = " ".join(["red circle blue square"] * 10)  # Far over 15 tokens.

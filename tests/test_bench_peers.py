@@ -3,6 +3,8 @@ does its unit of work (twice). No timing is asserted."""
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.unit
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")

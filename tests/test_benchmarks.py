@@ -17,6 +17,8 @@ from multimodal.parallel import sharding
 from multimodal.eval_suite import datasets, embedding, encoders, results, suite
 from multimodal.data import errors, preprocess
 
+pytestmark = pytest.mark.unit
+
 NAMES = ["red_square", "blue_circle", "green_triangle"]
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
 

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP
+from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP, full_optimisation_env
 from multimodal.eval_suite import results
+
+pytestmark = pytest.mark.quality
 
 
 def cli(*args, timeout=900):
-  run = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+  run = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_optimisation_env(),
+                       capture_output=True,
                        text=True, timeout=timeout)
   assert run.returncode == 0, run.stderr[-3000:]
   return run.stdout
@@ -40,7 +43,6 @@ def shapes_folder(data_dir, tmp_path_factory):
   return root
 
 
-@pytest.mark.slow
 @pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_eval_benchmarks_on_a_folder_dataset(trained_clip, shapes_folder, data_dir, tmp_path):
   workdir, _ = trained_clip
@@ -72,7 +74,6 @@ def test_eval_benchmarks_on_a_folder_dataset(trained_clip, shapes_folder, data_d
   assert (out / "results.csv").exists() and (out / "results.md").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_embed_and_search(trained_clip, shapes_folder, tmp_path):
   workdir, _ = trained_clip

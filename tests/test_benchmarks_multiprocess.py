@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.integration
 
 WORKER = r'''
 import os, sys
@@ -17,7 +20,7 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
 import numpy as np, tensorflow as tf
-from multimodal import sharding
+from multimodal.parallel import sharding
 from multimodal.eval_suite import embedding, encoders
 from multimodal.models import two_towers
 model = two_towers.TwoTowers(image=dict(variant="mu/8"), text=dict(variant="mu", vocab_size=16),

@@ -131,6 +131,7 @@ def _np_checksum(x: np.ndarray) -> str:
   return "".join(f"{lane:08x}" for lane in lanes)
 
 
+@pytest.mark.unit
 def test_fingerprint_is_layout_independent_and_detects_changes(mesh):
   x = np.random.RandomState(0).randn(16, 8).astype(np.float32)
   layouts = [NamedSharding(mesh, P("d")), NamedSharding(mesh, P(None, "d")),
@@ -165,6 +166,7 @@ def test_fingerprint_is_layout_independent_and_detects_changes(mesh):
 # ---------------------------------------------------------------------------
 # Damaged checkpoints.
 
+@pytest.mark.unit
 def test_flipped_bytes_fall_back_to_the_previous_step(mesh, tmp_path, capsys):
   _save(mesh, tmp_path, [1, 2])
   directory = tmp_path / "checkpoints"
@@ -253,6 +255,7 @@ def _edit_data_position(step_dir):
     (_edit_data_position, "its data position does not match its integrity record"),
 ], ids=["truncated_data", "deleted_data", "deleted_manifest", "deleted_integrity",
         "garbled_integrity_json", "garbled_data_json", "edited_data_json"])
+@pytest.mark.unit
 def test_damaged_step_is_detected_and_set_aside(mesh, tmp_path, capsys, damage, reason):
   _save(mesh, tmp_path, [1, 2])
   directory = tmp_path / "checkpoints"
@@ -272,6 +275,7 @@ def test_damaged_step_is_detected_and_set_aside(mesh, tmp_path, capsys, damage, 
   mngr.close()
 
 
+@pytest.mark.unit
 def test_save_cut_short_leaves_a_tmp_folder_that_is_ignored(mesh, tmp_path, capsys):
   _save(mesh, tmp_path, [1, 2])
   directory = tmp_path / "checkpoints"
@@ -304,6 +308,7 @@ def test_save_cut_short_leaves_a_tmp_folder_that_is_ignored(mesh, tmp_path, caps
   mngr.close()
 
 
+@pytest.mark.unit
 def test_every_checkpoint_damaged_is_an_error_that_moves_nothing(mesh, tmp_path):
   _save(mesh, tmp_path, [1, 2])
   directory = tmp_path / "checkpoints"
@@ -329,6 +334,7 @@ def test_every_checkpoint_damaged_is_an_error_that_moves_nothing(mesh, tmp_path)
   mngr.close()
 
 
+@pytest.mark.unit
 def test_read_only_manager_falls_back_without_moving_anything(mesh, tmp_path, capsys):
   _save(mesh, tmp_path, [1, 2])
   directory = tmp_path / "checkpoints"
@@ -348,6 +354,7 @@ def test_read_only_manager_falls_back_without_moving_anything(mesh, tmp_path, ca
   mngr.close()
 
 
+@pytest.mark.unit
 def test_nan_is_never_saved(mesh, tmp_path):
   mngr = checkpoint.manager(str(tmp_path), save_interval_steps=2, keep=3)
   assert checkpoint.save(mngr, 2, _state(mesh, 2), _position(2))
@@ -370,6 +377,7 @@ def test_nan_is_never_saved(mesh, tmp_path):
   mngr.close()
 
 
+@pytest.mark.unit
 def test_checkpoint_without_integrity_record_restores_unverified(mesh, tmp_path, capsys):
   # As this module saved them before integrity records.
   old = ocp.CheckpointManager(str(tmp_path / "checkpoints"),
@@ -390,6 +398,7 @@ def test_checkpoint_without_integrity_record_restores_unverified(mesh, tmp_path,
   mngr.close()
 
 
+@pytest.mark.unit
 def test_other_state_structure_is_an_error_not_damage(mesh, tmp_path):
   _save(mesh, tmp_path, [1, 2])
   abstract = _abstract(mesh)
@@ -420,7 +429,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 sys.path.insert(0, tests)
 import test_checkpoint_integrity as t
-from multimodal import checkpoint, fingerprint
+from multimodal.train import checkpoint, fingerprint
 
 mesh = Mesh(np.array(jax.devices()), ("d",))  # 2 processes x 4 devices.
 shardings = t._shardings(mesh)
@@ -451,6 +460,7 @@ print("RESULT " + json.dumps({
 '''
 
 
+@pytest.mark.integration
 def test_two_processes_reach_the_same_decision(mesh, tmp_path):
   """Damage only one process can see (its own shards' file): both processes
   still skip the same step, process 0 alone moves it, and the checksums of 2

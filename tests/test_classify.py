@@ -19,6 +19,7 @@ from multimodal.tasks import recognizer
 from multimodal.models import classifier
 
 
+@pytest.mark.unit
 def test_classifier_has_one_head_per_label_on_a_shared_backbone():
   model = classifier.ImageClassifier(
       image=dict(variant="mu/8", pool_type="gap"), heads={"shape": 8, "colour": 5})
@@ -36,6 +37,7 @@ def test_classifier_has_one_head_per_label_on_a_shared_backbone():
                                heads={"a": 2}).init(jax.random.key(0), images)
 
 
+@pytest.mark.unit
 def test_accuracy_evaluator_matches_sklearn_and_drops_padding():
   rng = np.random.default_rng(0)
   n = 50
@@ -65,6 +67,7 @@ def test_accuracy_evaluator_matches_sklearn_and_drops_padding():
   assert results["all_acc1"] == pytest.approx(both.mean())
 
 
+@pytest.mark.quality
 def test_recognizer_is_trained_once_and_then_reused(recognizer_workdir, data_dir, tmp_path):
   with open(os.path.join(recognizer_workdir, "results.json")) as f:
     results = json.load(f)["metrics"]
@@ -83,6 +86,7 @@ def test_recognizer_is_trained_once_and_then_reused(recognizer_workdir, data_dir
   assert other != recognizer_workdir
 
 
+@pytest.mark.unit
 def test_recognizer_names_colours_of_real_images_at_any_resolution(recognizer_workdir):
   from multimodal.data import preprocess, shapes_world
   mesh = sharding.make_mesh({"data": -1})
@@ -104,6 +108,7 @@ def test_recognizer_names_colours_of_real_images_at_any_resolution(recognizer_wo
   assert np.mean(predictions["colour"] == np.array(colours)) >= 0.75, predictions
 
 
+@pytest.mark.unit
 def test_recognizer_refuses_a_run_that_is_not_a_classifier(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": "dit"}))
   with pytest.raises(ValueError, match="must be a classifier"):

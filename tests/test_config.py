@@ -19,22 +19,26 @@ def run_cli(*args):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.unit
 def test_arg_string_overrides_defaults():
   config = clip_shapes.get_config("variant=S/8,steps=3000")
   assert config.model.image.variant == "S/8"
   assert config.total_steps == 3000
 
 
+@pytest.mark.unit
 def test_unknown_arg_names_closest():
   with pytest.raises(config_lib.ConfigError, match="Did you mean 'steps'"):
     clip_shapes.get_config("stepz=5")
 
 
+@pytest.mark.unit
 def test_arg_of_wrong_type_is_an_error():
   with pytest.raises(config_lib.ConfigError, match="steps"):
     clip_shapes.get_config("steps=many")
 
 
+@pytest.mark.unit
 def test_siglip_config_uses_sigmoid_initialisation():
   config = siglip_shapes.get_config()
   assert config.loss == "sigmoid"
@@ -42,6 +46,7 @@ def test_siglip_config_uses_sigmoid_initialisation():
   assert config.model.bias_init == -10.0
 
 
+@pytest.mark.integration
 def test_unknown_override_key_is_named_with_suggestions():
   result = run_cli("configs/clip_shapes.py", "--config.input.batchsize=8")
   assert result.returncode == 2
@@ -50,6 +55,7 @@ def test_unknown_override_key_is_named_with_suggestions():
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_bad_pp_op_fails_at_parse_time():
   result = run_cli("configs/clip_shapes.py",
                    "--config.input.pp=decode|rezise(32)|keep('image')")
@@ -59,6 +65,7 @@ def test_bad_pp_op_fails_at_parse_time():
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_bad_pp_argument_fails_at_parse_time():
   config = clip_shapes.get_config()
   config.evals.retrieval.pp = "decode|value_range(1)"
@@ -66,6 +73,7 @@ def test_bad_pp_argument_fails_at_parse_time():
     config_checks.check(config)
 
 
+@pytest.mark.unit
 def test_duration_in_epochs_and_examples():
   config = clip_shapes.get_config("batch=100")
   config.total_steps = None
@@ -77,6 +85,7 @@ def test_duration_in_epochs_and_examples():
   assert config_lib.total_steps(config, num_train_examples=None) == 300
 
 
+@pytest.mark.unit
 def test_two_durations_is_an_error():
   config = clip_shapes.get_config()
   config.total_epochs = 1.0

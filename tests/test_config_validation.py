@@ -39,6 +39,7 @@ def _payload(tmp_path):
     ("--config.model.bias_init=x", "a float"),  # A placeholder: None for now.
     ("--config.evals.retrieval.single_object_only=maybe", "a bool (True or False)"),
 ])
+@pytest.mark.unit
 def test_override_of_the_wrong_type_names_key_value_and_type(override, kind):
   key, value = override[len("--config."):].split("=")
   with pytest.raises(Exception) as caught:  # The real flag parser, in process.
@@ -49,6 +50,7 @@ def test_override_of_the_wrong_type_names_key_value_and_type(override, kind):
   assert "\n" not in message
 
 
+@pytest.mark.integration
 def test_override_of_the_wrong_type_is_one_line_on_the_command_line():
   result = run_cli("configs/clip_shapes.py", "--config.total_steps=many")
   assert result.returncode == 2
@@ -58,6 +60,7 @@ def test_override_of_the_wrong_type_is_one_line_on_the_command_line():
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_config_file_argument_of_the_wrong_type_names_key_value_and_type():
   from configs import clip_shapes, vlm_shapes
   with pytest.raises(config_lib.ConfigError,
@@ -82,6 +85,7 @@ class _UntouchableTask:
     raise AssertionError(f"the trainer used task.{name} before checking the batch")
 
 
+@pytest.mark.unit
 def test_batch_not_divisible_by_data_parallel_devices_fails_before_compiling(tmp_path):
   import jax
   import jax.numpy as jnp
@@ -128,12 +132,14 @@ def test_batch_not_divisible_by_data_parallel_devices_fails_before_compiling(tmp
      "config.input.image_size=260 is not divisible by the 8x8 patch of "
      "config.model.variant='S/8'"),
 ])
+@pytest.mark.unit
 def test_image_size_not_divisible_by_the_patch_names_both_keys(spec, message):
   with pytest.raises(config_lib.ConfigError) as caught:
     config_checks.check(config_lib.load_config_file(spec))
   assert str(caught.value).startswith(message)
 
 
+@pytest.mark.unit
 def test_pp_resize_not_divisible_by_the_patch_or_not_the_model_size():
   from configs import clip_shapes, dit_shapes
   config = clip_shapes.get_config("res=32")
@@ -158,6 +164,7 @@ def test_pp_resize_not_divisible_by_the_patch_or_not_the_model_size():
   config_checks.check(config)
 
 
+@pytest.mark.unit
 def test_vlm_images_must_fit_the_vision_run(tmp_path):
   from configs import clip_shapes, vlm_shapes
   from multimodal.tasks import vlm
@@ -178,6 +185,7 @@ def test_vlm_images_must_fit_the_vision_run(tmp_path):
     task._check_image_sizes(vision)
 
 
+@pytest.mark.unit
 def test_vlm_vision_layer_must_name_a_block_of_the_tower():
   from configs import clip_shapes, vlm_shapes
   from multimodal.tasks import vlm
@@ -194,6 +202,7 @@ def test_vlm_vision_layer_must_name_a_block_of_the_tower():
     task._check_vision_layer(image)
 
 
+@pytest.mark.unit
 def test_latent_dit_latents_must_fit_the_patch():
   from configs import dit_xl2
   from multimodal.tasks import dit
@@ -239,6 +248,7 @@ def _fake_run(path, checkpoint=True):
     ("configs/dit_xl2.py", "init.from_diffusers"),
     ("configs/clip_shapes.py", "input.tokenizer.model"),
 ])
+@pytest.mark.unit
 def test_missing_run_or_weights_to_start_from_names_key_and_path(config_spec, key, tmp_path):
   config = config_lib.load_config_file(config_spec)
   config_checks.check(config)  # Unset: trained on first use, or not used.
@@ -249,6 +259,7 @@ def test_missing_run_or_weights_to_start_from_names_key_and_path(config_spec, ke
   assert str(caught.value).startswith(f"config.{key}={missing!r}: no such ")
 
 
+@pytest.mark.unit
 def test_a_run_to_start_from_needs_its_config_and_a_checkpoint(tmp_path):
   from configs import vlm_shapes
   config = vlm_shapes.get_config()
@@ -267,6 +278,7 @@ def test_a_run_to_start_from_needs_its_config_and_a_checkpoint(tmp_path):
     config_checks.check(config)
 
 
+@pytest.mark.unit
 def test_tasks_check_before_reading_data_or_weights(tmp_path):
   """Tasks built without the command line check too, before their data."""
   from multimodal.tasks import clip
@@ -284,6 +296,7 @@ def test_tasks_check_before_reading_data_or_weights(tmp_path):
     ("model.projector", "mpl", "('linear', 'mlp', 'conv', 'block')"),
     ("model.image_positions", "2d", "('sequence', 'shared')"),
 ])
+@pytest.mark.unit
 def test_vlm_names_a_wrong_stage_projector_or_image_layout_before_its_data(
     key, value, valid, tmp_path):
   from multimodal.tasks import vlm
@@ -299,6 +312,7 @@ def test_vlm_names_a_wrong_stage_projector_or_image_layout_before_its_data(
 # -- Arguments are parsed, never evaluated -------------------------------------
 
 
+@pytest.mark.unit
 def test_code_in_a_config_file_argument_is_rejected(tmp_path):
   from configs import clip_shapes
   code, marker = _payload(tmp_path)
@@ -317,6 +331,7 @@ def test_code_in_a_config_file_argument_is_rejected(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_plain_strings_and_literals_still_parse():
   from configs import clip_shapes
   config = clip_shapes.get_config("variant=S/8,text_variant=mu,steps=10,loss=sigmoid")
@@ -334,6 +349,7 @@ def test_plain_strings_and_literals_still_parse():
       config_lib.check_override_value("k", value)
 
 
+@pytest.mark.unit
 def test_config_flags_takes_override_text_raw_never_evaluated(tmp_path):
   """ml_collections' flag parser, for a str field: the text itself."""
   code, marker = _payload(tmp_path)
@@ -342,6 +358,7 @@ def test_config_flags_takes_override_text_raw_never_evaluated(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_code_in_a_config_override_is_rejected(tmp_path):
   code, marker = _payload(tmp_path)
   # Two training lengths as well: if the override were let through, the run
@@ -356,6 +373,7 @@ def test_code_in_a_config_override_is_rejected(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_code_in_a_sweep_argument_is_rejected(tmp_path):
   code, marker = _payload(tmp_path)
   with pytest.raises(config_lib.ConfigError,
@@ -411,6 +429,7 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
   return found
 
 
+@pytest.mark.unit
 def test_the_scan_finds_each_unsafe_load():
   source = "\n".join([
       "import pickle", "from dill import loads", "import numpy as np",
@@ -425,6 +444,7 @@ def test_the_scan_finds_each_unsafe_load():
   assert {int(f.split(":")[1]) for f in found} == set(range(1, 12)) - {3}, found
 
 
+@pytest.mark.unit
 def test_no_load_path_uses_pickle_or_eval():
   """multimodal/, experiments/ and configs/: checkpoints restore through
   orbax, imported weights through safetensors, configs and records through
@@ -436,12 +456,14 @@ def test_no_load_path_uses_pickle_or_eval():
   found = [f for path in files for f in unsafe_loads(path.read_text(), str(path))]
   assert found == []
   source = {name: pathlib.Path(ROOT, "multimodal", name).read_text()
-            for name in ("checkpoint.py", "importers/safetensors_io.py", "config_lib.py")}
-  assert "import orbax.checkpoint" in source["checkpoint.py"]
-  assert "StandardRestore" in source["checkpoint.py"]
+            for name in ("train/checkpoint.py", "importers/safetensors_io.py",
+                                   "config/config_lib.py")}
+  assert "import orbax.checkpoint" in source["train/checkpoint.py"]
+  assert "StandardRestore" in source["train/checkpoint.py"]
   assert "safetensors.numpy.load_file" in source["importers/safetensors_io.py"]
 
 
+@pytest.mark.unit
 def test_workdir_configs_are_read_as_json(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": "clip", "lr": 1e-3}))
   assert config_lib.load_workdir_config(str(tmp_path)).to_dict() == {"task": "clip", "lr": 1e-3}
@@ -453,6 +475,7 @@ def test_workdir_configs_are_read_as_json(tmp_path):
 # -- One dotted-key walk ---------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dotted_keys_get_set_and_name_unknown_keys():
   from configs import clip_shapes
   config = clip_shapes.get_config()

@@ -6,6 +6,8 @@ import tensorflow as tf
 from multimodal.parallel import sharding
 from multimodal.data import errors, pipeline, preprocess, sources
 
+pytestmark = pytest.mark.unit
+
 
 def _record(image_bytes, caption):
   return tf.train.Example(features=tf.train.Features(feature={

@@ -15,6 +15,8 @@ from conftest import assert_logically_partitioned
 from multimodal.models import decoder as dec
 from multimodal.models import decoding
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 61
 
 

@@ -19,6 +19,8 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 
+pytestmark = pytest.mark.unit
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 

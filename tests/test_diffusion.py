@@ -9,6 +9,8 @@ from scipy import stats
 from multimodal.diffusion import losses, schedules
 from multimodal.diffusion.schedules import DiffusionSchedule
 
+pytestmark = pytest.mark.unit
+
 T = 1000
 
 

@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.unit
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 

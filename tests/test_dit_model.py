@@ -12,6 +12,8 @@ from multimodal.parallel import sharding
 from conftest import assert_logically_partitioned
 from multimodal.models import dit, layers
 
+pytestmark = pytest.mark.unit
+
 KEY = jax.random.PRNGKey(0)
 B = 2
 X = jnp.asarray(np.random.RandomState(0).randn(B, 8, 8, 4), jnp.float32)

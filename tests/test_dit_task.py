@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import TINY_WORLD
@@ -39,6 +40,7 @@ def tiny_dit_config(data_dir, recognizer_workdir=None, steps=40):
   return config
 
 
+@pytest.mark.integration
 def test_dit_trains_through_the_generic_trainer(data_dir, recognizer_workdir, tmp_path):
   config = tiny_dit_config(data_dir, recognizer_workdir)
   # Epsilon prediction, whose trivial loss has a closed form (below).
@@ -85,6 +87,7 @@ def test_dit_trains_through_the_generic_trainer(data_dir, recognizer_workdir, tm
   assert bad.returncode == 2 and "exactly one colour" in bad.stderr, bad.stderr[-2000:]
 
 
+@pytest.mark.unit
 def test_label_from_prompt_matches_object_pair_label(data_dir):
   task = dit_task.DiffusionTask(tiny_dit_config(data_dir))
   # object_pair_label: shape * 8 + colour; circle = 0, red = 0, hexagon = 7.
@@ -93,6 +96,7 @@ def test_label_from_prompt_matches_object_pair_label(data_dir):
   assert task.label_from_prompt("a large blue star in the center") == 3 * 8 + 5
 
 
+@pytest.mark.unit
 def test_image_grid_layout():
   images = np.stack([np.full((4, 4, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])
   grid = generation.image_grid(images, cols=2, gap=1)
@@ -101,6 +105,7 @@ def test_image_grid_layout():
   assert grid[6, 6, 0] == 128  # The empty cell keeps the grey background.
 
 
+@pytest.mark.unit
 def test_sampler_in_microbatches_draws_the_same_samples(data_dir):
   """config.sample_microbatch_size: the guided batch (8 labels, doubled to
   16) goes through the model in 4 parts of 4 rows, on the 8-device mesh,

@@ -35,6 +35,7 @@ def text_dit_config(data_dir, clip_workdir, cross_attention=False):
   return config
 
 
+@pytest.mark.integration
 def test_text_tower_is_loaded_frozen_and_conditions_the_dit(data_dir, clip_workdir, tmp_path):
   config = text_dit_config(data_dir, clip_workdir)
   task = dit_task.DiffusionTask(config)
@@ -63,6 +64,7 @@ def test_text_tower_is_loaded_frozen_and_conditions_the_dit(data_dir, clip_workd
   assert (workdir / "samples" / "a_circle_at_the_top.png").exists()
 
 
+@pytest.mark.unit
 def test_cross_attention_option_adds_per_block_text_attention(data_dir, clip_workdir):
   config = text_dit_config(data_dir, clip_workdir, cross_attention=True)
   task = dit_task.DiffusionTask(config)
@@ -77,6 +79,7 @@ def test_cross_attention_option_adds_per_block_text_attention(data_dir, clip_wor
   assert np.isfinite(float(loss))
 
 
+@pytest.mark.unit
 def test_a_finished_run_does_not_need_its_text_encoder_run_at_hand(data_dir, trainings_asked):
   """Sampling from a finished run builds its task: the encoder's architecture
   and tokenizer come from the CLIP run's config, not from a trained run (its
@@ -92,6 +95,7 @@ def test_a_finished_run_does_not_need_its_text_encoder_run_at_hand(data_dir, tra
   assert trainings_asked == [config.model.text_encoder.config]
 
 
+@pytest.mark.unit
 def test_text_conditioning_requires_the_encoder_frozen(data_dir, clip_workdir):
   config = text_dit_config(data_dir, clip_workdir)
   config.freeze = None

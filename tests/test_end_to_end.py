@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
-from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP
+from conftest import E2E_WORLD, ROOT, TRAINED_CLIP_GROUP, full_optimisation_env
 from multimodal.tasks.clip import ContrastiveTask
 from multimodal.train import trainer
 
+pytestmark = pytest.mark.quality
 
-@pytest.mark.slow
+
 @pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   workdir, run = trained_clip
@@ -38,7 +39,7 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
 
   evaluation = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env=full_optimisation_env(), capture_output=True, text=True, timeout=600)
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
   again = json.loads((workdir / "eval_results.json").read_text())["metrics"]
   for key in ("zero_shot_colour/acc1", "retrieval/text_to_image_recall@10"):
@@ -48,7 +49,8 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   # zero_shot_colour and zero_shot_colour_novel become one.
   on_train = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}",
-       "--split=train[:300]"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+       "--split=train[:300]"], cwd=ROOT, env=full_optimisation_env(),
+       capture_output=True, text=True, timeout=600)
   assert on_train.returncode == 0, on_train.stderr[-3000:]
   train = json.loads((workdir / "eval_results.json").read_text())["metrics"]
   assert train["zero_shot_colour@train[:300]/acc1"] > 3 * chance, train
@@ -56,7 +58,6 @@ def test_tiny_clip_learns_shapes_zero_shot(trained_clip):
   assert not any(key.startswith("zero_shot_colour/") for key in train), train
 
 
-@pytest.mark.slow
 def test_tiny_dit_generates_the_asked_for_class(data_dir, tmp_path):
   """A class-conditional DiT through the command line; its samples are judged
   by a recognizer that the run trains itself on first use."""
@@ -69,7 +70,8 @@ def test_tiny_dit_generates_the_asked_for_class(data_dir, tmp_path):
           "res=16,crop=True,steps=400",
           "--config.evals.quality.per_class=4", "--config.evals.quality.steps=25",
           "--config.evals.samples.steps=25", *world]
-  run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  run = subprocess.run(args, cwd=ROOT, env=full_optimisation_env(),
+                       capture_output=True, text=True, timeout=1200)
   assert run.returncode == 0, run.stderr[-3000:]
   assert (workdir / "samples_latest.png").exists()
   # The recognizer was trained once into the data dir, where later runs find it.

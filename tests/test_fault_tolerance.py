@@ -113,10 +113,10 @@ def reference_sha(data_dir, request, tmp_path_factory):
   return get
 
 
-@pytest.mark.slow
 # CLIP and the VLM (not DiT too, to keep CI short): DiT's only extras, its
 # moving average and its per-step draws, are saved state like any other and
 # fold_in(seed, step) like every task's randomness.
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["clip", "vlm"])
 def test_kill9_at_a_random_step_then_rerun_is_bit_identical(
     family, data_dir, request, reference_sha, tmp_path):
@@ -140,7 +140,7 @@ def test_kill9_at_a_random_step_then_rerun_is_bit_identical(
   assert steps == sorted(set(steps)) and steps[-1] == STEPS
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sigterm_and_sigint_checkpoint_the_step_in_flight_and_exit_75(
     data_dir, request, reference_sha, tmp_path):
   config = _family_config("clip", data_dir, request)
@@ -207,6 +207,7 @@ def _nan_config(data_dir, policy):
   return config
 
 
+@pytest.mark.unit
 def test_nan_policy_stop_names_the_first_bad_step_and_keeps_the_last_good_checkpoint(
     clip_task, data_dir, tmp_path, monkeypatch):
   _nan_after(monkeypatch, bad_from_step=7)
@@ -220,6 +221,7 @@ def test_nan_policy_stop_names_the_first_bad_step_and_keeps_the_last_good_checkp
   assert max(saved) == 5  # Nothing from the bad step on was written.
 
 
+@pytest.mark.unit
 def test_nan_policy_skip_drops_and_counts_the_bad_updates(
     clip_task, data_dir, tmp_path, monkeypatch):
   _nan_after(monkeypatch, bad_from_step=7)
@@ -238,6 +240,7 @@ def test_nan_policy_skip_drops_and_counts_the_bad_updates(
   assert all(np.isfinite(leaf).all() for leaf in leaves)
 
 
+@pytest.mark.unit
 def test_unknown_nan_policy_is_a_config_error(data_dir):
   config = _nan_config(data_dir, "ignore")
   with pytest.raises(config_lib.ConfigError, match="nan_policy"):
@@ -258,6 +261,7 @@ def _fails_before_compiling(clip_task, config, workdir, monkeypatch):
   return str(info.value)
 
 
+@pytest.mark.unit
 def test_unwritable_workdir_fails_before_compilation(clip_task, data_dir, tmp_path,
                                                    monkeypatch):
   (tmp_path / "a_file").write_text("not a directory")
@@ -267,6 +271,7 @@ def test_unwritable_workdir_fails_before_compilation(clip_task, data_dir, tmp_pa
   assert workdir in message and "--workdir" in message
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any mode bits")
 def test_read_only_workdir_fails_before_compilation(clip_task, data_dir, tmp_path,
                                                    monkeypatch):
@@ -280,6 +285,7 @@ def test_read_only_workdir_fails_before_compilation(clip_task, data_dir, tmp_pat
   assert "Permission denied" in message
 
 
+@pytest.mark.unit
 def test_full_disk_fails_before_compilation(clip_task, data_dir, tmp_path, monkeypatch):
   import shutil
   usage = shutil.disk_usage(tmp_path)
@@ -291,6 +297,7 @@ def test_full_disk_fails_before_compilation(clip_task, data_dir, tmp_path, monke
   assert "free" in message and "keep_ckpts" in message
 
 
+@pytest.mark.unit
 def test_checkpoint_size_estimate_is_the_state_bytes():
   abstract = {"a": jax.ShapeDtypeStruct((3, 4), np.float32),
               "b": {"c": jax.ShapeDtypeStruct((5,), np.int32)}}

@@ -10,6 +10,8 @@ from PIL import Image
 from conftest import tiny_clip_config
 from multimodal.data import errors, files, sources
 
+pytestmark = pytest.mark.unit
+
 
 def write_png(path, colour, size=(20, 16)):
   path.parent.mkdir(parents=True, exist_ok=True)

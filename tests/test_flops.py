@@ -13,6 +13,8 @@ from multimodal.tasks import contrastive_losses as losses
 from multimodal.diffusion import losses as diffusion_losses, schedules
 from multimodal.models import classifier, decoder, dit, text, two_towers, vit, vlm
 
+pytestmark = pytest.mark.unit
+
 # A tiny ViT: 16x16x3 images, 4x4 patches -> 16 patches; width 8, 2 heads of 4.
 TINY_VIT = dict(width=8, depth=2, mlp_dim=16, num_heads=2, patch_size=(4, 4),
                 stem="patch", num_classes=10)

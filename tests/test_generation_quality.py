@@ -5,6 +5,8 @@ import pytest
 
 from multimodal.evaluators import generation
 
+pytestmark = pytest.mark.unit
+
 
 def test_conditional_accuracy_counts_only_samples_whose_every_head_is_right():
   labels = np.arange(6, dtype=np.int32)  # Label k asks for shape k // 3, colour k % 3.

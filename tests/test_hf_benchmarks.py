@@ -98,6 +98,7 @@ def hf_text_embeddings(model, tokenizer, texts):
   return z / np.linalg.norm(z, axis=1, keepdims=True)
 
 
+@pytest.mark.unit
 def test_embeddings_match_transformers(hf_dir, image_folder):
   path, model, tokenizer, processor = hf_dir
   encoder = encoders.from_hf(str(path))
@@ -112,6 +113,7 @@ def test_embeddings_match_transformers(hf_dir, image_folder):
                              hf_text_embeddings(model, tokenizer, TEXTS), atol=1e-5)
 
 
+@pytest.mark.integration
 def test_eval_hf_on_a_folder(hf_dir, image_folder, tmp_path):
   """The command line, and its zero-shot accuracy against the one computed
   from transformers' embeddings with the same prompts."""
@@ -135,6 +137,7 @@ def test_eval_hf_on_a_folder(hf_dir, image_folder, tmp_path):
   assert record["metrics"]["acc1"] == pytest.approx(np.mean(logits.argmax(1) == labels))
 
 
+@pytest.mark.integration
 def test_eval_hf_errors(tmp_path):
   run = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--hf={tmp_path}",
                         "--benchmarks=folder:/nonexistent"],

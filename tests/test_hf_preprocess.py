@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 

@@ -8,6 +8,8 @@ import pytest
 
 from multimodal.models import text, vit, vlm
 
+pytestmark = pytest.mark.unit
+
 TOWER = dict(width=16, depth=2, mlp_dim=32, num_heads=2)
 
 

@@ -25,11 +25,12 @@ def _cli(*args, timeout=120):
 # -- Flags ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_launcher_flags_are_split_from_the_training_flags():
   options, rest = launcher.split_args(
       ["train", "configs/clip_shapes.py:variant=S/8", "--procs", "2",
        "--config.lr=3e-4", "--devices-per-proc=4", "--dry-run", "--workdir", "runs/x"])
-  assert options == {"procs": 2, "devices-per-proc": 4, "dry-run": True}
+  assert options == {"procs": 2, "devices_per_proc": 4, "dry_run": True}
   assert rest == ["train", "configs/clip_shapes.py:variant=S/8", "--config.lr=3e-4",
                   "--workdir", "runs/x"]
 
@@ -41,6 +42,7 @@ def test_launcher_flags_are_split_from_the_training_flags():
     (["--slurm=yes"], "--slurm takes no value (got --slurm=yes)."),
     (["--nodes", "2", "--nodes=3"], "--nodes is given twice."),
 ])
+@pytest.mark.unit
 def test_malformed_launcher_flags(argv, message):
   with pytest.raises(launcher.LaunchError) as info:
     launcher.split_args(["train", *argv])
@@ -48,25 +50,27 @@ def test_malformed_launcher_flags(argv, message):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"dry-run": True}, "--dry-run needs one of --procs N, --slurm or --tpu NAME."),
+    ({"dry_run": True}, "--dry_run needs one of --procs N, --slurm or --tpu NAME."),
     ({"procs": 2, "slurm": True, "nodes": 2},
      "choose one of --procs, --slurm and --tpu, not --procs and --slurm."),
     ({"procs": 2, "nodes": 2}, "--nodes belongs with --slurm, not --procs."),
     ({"slurm": True, "nodes": 2, "zone": "z"}, "--zone belongs with --tpu, not --slurm."),
-    ({"tpu": "t", "zone": "z", "devices-per-proc": 4},
-     "--devices-per-proc belongs with --procs, not --tpu."),
+    ({"tpu": "t", "zone": "z", "devices_per_proc": 4},
+     "--devices_per_proc belongs with --procs, not --tpu."),
     ({"procs": 0}, "--procs=0 must be at least 1."),
-    ({"slurm": True}, "--slurm needs --nodes N (and --gpus-per-node G on GPU nodes)."),
-    ({"slurm": True, "nodes": 2, "task-per-gpu": True},
-     "--task-per-gpu needs --gpus-per-node G."),
+    ({"slurm": True}, "--slurm needs --nodes N (and --gpus_per_node G on GPU nodes)."),
+    ({"slurm": True, "nodes": 2, "task_per_gpu": True},
+     "--task_per_gpu needs --gpus_per_node G."),
     ({"tpu": "t"}, "--tpu needs --zone Z (e.g. --zone us-central2-b)."),
 ])
+@pytest.mark.unit
 def test_invalid_launcher_combinations(options, message):
   with pytest.raises(launcher.LaunchError) as info:
     launcher.validate(options)
   assert str(info.value) == message
 
 
+@pytest.mark.integration
 def test_bad_combination_is_one_line_from_the_command_line():
   run = _cli("configs/clip_shapes.py", "--procs", "2", "--slurm", "--nodes", "2")
   assert run.returncode == 2
@@ -75,6 +79,7 @@ def test_bad_combination_is_one_line_from_the_command_line():
   assert "Traceback" not in run.stderr and run.stdout == ""
 
 
+@pytest.mark.integration
 def test_config_mistake_fails_before_anything_is_launched(tmp_path):
   run = _cli("configs/clip_shapes.py", "--config.lrr=1", "--slurm", "--nodes=2",
              "--dry-run", f"--workdir={tmp_path / 'run'}")
@@ -86,10 +91,11 @@ def test_config_mistake_fails_before_anything_is_launched(tmp_path):
 # -- SLURM ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_sbatch_script():
   rest = ["train", "configs/clip_shapes.py:variant=S/8", "--config.lr=3e-4",
           "--config.input.data=captions:/data/my pairs.tsv", "--workdir=runs/big"]
-  options = {"slurm": True, "nodes": 4, "gpus-per-node": 8, "partition": "gpu",
+  options = {"slurm": True, "nodes": 4, "gpus_per_node": 8, "partition": "gpu",
              "time": "4:00:00"}
   assert launcher.sbatch_script(rest, options, "runs/big", repo="/home/me/mm") == """\
 #!/bin/bash
@@ -105,14 +111,15 @@ def test_sbatch_script():
 set -euo pipefail
 cd /home/me/mm
 # Install or update .venv once, here, before the tasks share it.
-./launch.sh help > /dev/null
+./launch.sh install
 srun --kill-on-bad-exit=1 ./launch.sh run configs/clip_shapes.py:variant=S/8 \
 --config.lr=3e-4 '--config.input.data=captions:/data/my pairs.tsv' --workdir=runs/big
 """
 
 
+@pytest.mark.unit
 def test_sbatch_script_with_one_task_per_gpu_and_an_account():
-  options = {"slurm": True, "nodes": 2, "gpus-per-node": 4, "task-per-gpu": True,
+  options = {"slurm": True, "nodes": 2, "gpus_per_node": 4, "task_per_gpu": True,
              "account": "lab"}
   script = launcher.sbatch_script(["train", "--workdir=/shared/r"], options,
                                   "/shared/r", repo="/r")
@@ -121,6 +128,7 @@ def test_sbatch_script_with_one_task_per_gpu_and_an_account():
   assert script.endswith("srun --kill-on-bad-exit=1 ./launch.sh run --workdir=/shared/r\n")
 
 
+@pytest.mark.integration
 def test_slurm_dry_run_writes_the_script_and_prints_the_command(tmp_path):
   workdir = tmp_path / "run"
   run = _cli("configs/clip_shapes.py:steps=50", "--slurm", "--nodes", "4",
@@ -129,7 +137,7 @@ def test_slurm_dry_run_writes_the_script_and_prints_the_command(tmp_path):
   path = workdir / "launch.sbatch"
   script = launcher.sbatch_script(
       ["train", "configs/clip_shapes.py:steps=50", f"--workdir={workdir}"],
-      {"nodes": 4, "gpus-per-node": 8}, str(workdir))
+      {"nodes": 4, "gpus_per_node": 8}, str(workdir))
   assert path.read_text() == script
   assert run.stdout == f"# {path}:\n{script}# Would run: sbatch {path}\n"
 
@@ -137,6 +145,7 @@ def test_slurm_dry_run_writes_the_script_and_prints_the_command(tmp_path):
 # -- Cloud TPU -------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_tpu_command():
   rest = ["train", "configs/clip_shapes.py", "--config.input.data=folder:/data/my images",
           "--workdir=/mnt/shared/run"]
@@ -158,13 +167,15 @@ def test_tpu_command():
   assert remote_args[remote_args.index("run") + 1:] == rest[1:]
 
 
+@pytest.mark.unit
 def test_tpu_command_in_another_directory():
   command = launcher.tpu_command(["train", "--workdir=w"], {
-      "tpu": "t", "zone": "z", "remote-dir": "~/my repo"}, repo="/local")
+      "tpu": "t", "zone": "z", "remote_dir": "~/my repo"}, repo="/local")
   assert command[-1] == "--command=cd '~/my repo' && MM_DISTRIBUTED=auto ./launch.sh run --workdir=w"
   assert "--project" not in " ".join(command)
 
 
+@pytest.mark.integration
 def test_tpu_dry_run_fixes_a_workdir_for_every_worker():
   run = _cli("configs/clip_shapes.py", "--tpu", "my-tpu", "--zone", "europe-west4-a",
              "--dry-run")
@@ -182,6 +193,7 @@ def test_tpu_dry_run_fixes_a_workdir_for_every_worker():
 # -- Local processes -------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_local_process_environment():
   env = launcher.local_env(1, 2, 1234, 4, "--xla_foo=1 --xla_force_host_platform_device_count=8")
   assert env == {"MM_COORDINATOR": "127.0.0.1:1234", "MM_NUM_PROCESSES": "2",
@@ -191,6 +203,7 @@ def test_local_process_environment():
   assert "XLA_FLAGS" not in launcher.local_env(0, 2, 1234, None)
 
 
+@pytest.mark.integration
 def test_procs_dry_run_prints_every_process():
   run = _cli("configs/clip_shapes.py", "--procs", "2", "--devices-per-proc", "4",
              "--dry-run", "--workdir=runs/x")
@@ -201,9 +214,12 @@ def test_procs_dry_run_prints_every_process():
     words = shlex.split(line)
     assert words[0].startswith("MM_COORDINATOR=127.0.0.1:")
     assert words[1:3] == ["MM_NUM_PROCESSES=2", f"MM_PROCESS_ID={i}"]
-    assert words[-4:] == ["-m", "experiments.train", "configs/clip_shapes.py", "--workdir=runs/x"]
+    # A relative --workdir is the caller's directory's, fixed for every process.
+    assert words[-4:] == ["-m", "experiments.train", "configs/clip_shapes.py",
+                          f"--workdir={os.path.join(ROOT, 'runs', 'x')}"]
 
 
+@pytest.mark.integration
 def test_one_failing_process_stops_the_others(monkeypatch, capfd):
   script = ("import os, sys, time\n"
             "i = int(os.environ['MM_PROCESS_ID'])\n"
@@ -219,6 +235,7 @@ def test_one_failing_process_stops_the_others(monkeypatch, capfd):
   assert "launcher: process 1 exited with status 3; stopping the others" in err
 
 
+@pytest.mark.integration
 def test_all_processes_succeeding_is_success(monkeypatch, capfd):
   monkeypatch.setattr(launcher, "local_command",
                       lambda rest: [sys.executable, "-c", "print('done')"])
@@ -233,6 +250,7 @@ def _plan(env, tpu_workers=1):
   return distributed.plan(env, tpu_workers=lambda: tpu_workers)
 
 
+@pytest.mark.unit
 def test_single_process_by_default():
   plan = _plan({})
   assert not plan.distributed and plan.how == "single process"
@@ -240,6 +258,7 @@ def test_single_process_by_default():
                     "MM_PROCESS_ID": "0"}).distributed
 
 
+@pytest.mark.unit
 def test_explicit_coordinator():
   plan = _plan({"MM_COORDINATOR": "10.0.0.2:8476", "MM_NUM_PROCESSES": "4",
                 "MM_PROCESS_ID": "3", "MM_HEARTBEAT_TIMEOUT": "15"})
@@ -259,6 +278,7 @@ def test_explicit_coordinator():
      "MM_NUM_PROCESSES='two' must be an integer >= 1."),
     ({"MM_DISTRIBUTED": "yes"}, "MM_DISTRIBUTED='yes' must be 'auto' or 'off'."),
 ])
+@pytest.mark.unit
 def test_inconsistent_environment(env, message):
   with pytest.raises(distributed.DistributedError, match=message.replace("(", r"\(")):
     _plan(env)
@@ -269,6 +289,7 @@ SLURM = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[003-006]",
          "SLURM_STEP_TASKS_PER_NODE": "1(x4)"}
 
 
+@pytest.mark.unit
 def test_slurm_one_task_per_node_keeps_every_gpu(monkeypatch):
   for key, value in SLURM.items():
     monkeypatch.setenv(key, value)
@@ -281,6 +302,7 @@ def test_slurm_one_task_per_node_keeps_every_gpu(monkeypatch):
                              initialization_timeout=300, heartbeat_timeout_seconds=60)
 
 
+@pytest.mark.unit
 def test_slurm_task_per_gpu_and_single_task():
   plan = _plan({**SLURM, "SLURM_NTASKS": "32", "SLURM_STEP_TASKS_PER_NODE": "8(x4)"})
   assert plan.kwargs == dict(cluster_detection_method="slurm", initialization_timeout=300,
@@ -291,6 +313,7 @@ def test_slurm_task_per_gpu_and_single_task():
   assert not _plan({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}).distributed
 
 
+@pytest.mark.unit
 def test_tpu_slice_and_explicit_modes():
   assert _plan({}, tpu_workers=4).kwargs == dict(initialization_timeout=300,
                                                  heartbeat_timeout_seconds=60)

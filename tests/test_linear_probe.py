@@ -9,6 +9,8 @@ from sklearn.linear_model import LogisticRegression
 
 from multimodal.evaluators import linear_probe as lp
 
+pytestmark = pytest.mark.unit
+
 NUM_CLASSES = 4
 DIM = 8
 

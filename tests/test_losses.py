@@ -8,6 +8,8 @@ from scipy.special import log_softmax
 
 from multimodal.tasks import contrastive_losses as losses
 
+pytestmark = pytest.mark.unit
+
 
 def _unit(x):
   return x / np.linalg.norm(x, axis=1, keepdims=True)

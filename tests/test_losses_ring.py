@@ -15,6 +15,8 @@ from multimodal.tasks import contrastive_losses as losses
 from multimodal.parallel import sharding
 from multimodal.data import pipeline
 
+pytestmark = pytest.mark.unit
+
 SCALE, BIAS = 10.0, -10.0
 
 # (mesh config, how many devices): every batch axis split, only one of them,

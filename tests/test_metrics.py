@@ -5,6 +5,8 @@ from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
 from multimodal.evaluators import metrics, zero_shot
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_classification_metrics_match_sklearn(seed):

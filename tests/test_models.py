@@ -15,6 +15,8 @@ from multimodal.models.text import TextTransformer
 from multimodal.models.two_towers import TwoTowers
 from multimodal.models.vit import VARIANTS, ViT, decode_variant
 
+pytestmark = pytest.mark.unit
+
 KEY = jax.random.PRNGKey(0)
 IMG = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 3), jnp.float32)
 MU_VIT = dict(variant="mu/4")  # 16x16 image -> 4x4 = 16 patches of width 64.

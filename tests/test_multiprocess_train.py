@@ -16,6 +16,8 @@ import pytest
 
 from conftest import ROOT, TINY_WORLD, killed_on_exit
 
+pytestmark = pytest.mark.integration
+
 STEPS = 6
 # A learning rate that does not depend on total_steps (still warming up over
 # these few steps), so that a run stopped at step 4 and resumed with
@@ -96,7 +98,6 @@ def one_process_run(clip_task, data_dir, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_and_a_rerun_of_both_resumes(
     one_process_run, data_dir, tmp_path):
   """2 processes x 4 devices train 4 steps, then a rerun of both resumes to
@@ -154,7 +155,6 @@ def _wait_for(path, procs, logs, timeout=600):
     time.sleep(0.2)
 
 
-@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step_then_a_killed_process_stops_the_other(
     clip_task, data_dir, tmp_path):
   """SIGTERM to one process (what a scheduler sends a preempted host): both
@@ -192,7 +192,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_a_killed_process_sto
 # barrier of the coordination service (with a 5-minute timeout), as the
 # shutdown of jax.distributed does.
 _FAIL_ALONE = """
-from multimodal import distributed
+from multimodal.parallel import distributed
 distributed.initialize()
 import jax
 with distributed.leave_at_once_on_error():
@@ -202,7 +202,6 @@ with distributed.leave_at_once_on_error():
 """
 
 
-@pytest.mark.slow
 def test_an_error_in_one_process_ends_it_at_once_and_the_other_stops(tmp_path):
   """Without `leave_at_once_on_error` the failing process would wait in
   jax.distributed's shutdown barrier for the other, which waits at its own

@@ -2,9 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from ml_collections import config_dict
 
 from multimodal.train import optim
+
+pytestmark = pytest.mark.unit
 
 
 def config(**overrides):

@@ -8,6 +8,8 @@ import tensorflow as tf
 from multimodal.data import preprocess as pp
 from multimodal.data import tokenizer as tokenizer_lib
 
+pytestmark = pytest.mark.unit
+
 
 def image(h: int = 8, w: int = 12, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)

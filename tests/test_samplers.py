@@ -9,6 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from multimodal.diffusion import samplers, schedules
 
+pytestmark = pytest.mark.unit
+
 T = 1000
 SHAPE = (4, 3, 3, 2)  # B, H, W, C (channels last)
 

@@ -1,8 +1,8 @@
 """Scale-out invariants, for every family (CLIP, SigLIP, DiT, the VLM, the
 ViT classifier): one train step gives the same loss, gradients and updated
-parameters on one device and on the meshes fsdp=8 and data=2 x fsdp=2 x
-tensor=2 (pure data parallelism, data=8, is every other test's default
-mesh); gradient accumulation over microbatches equals the
+parameters on one device and on the mesh data=2 x fsdp=2 x tensor=2 (pure
+data parallelism, data=8, is every other test's default mesh); gradient
+accumulation over microbatches equals the
 large-batch step; every rematerialisation policy leaves the gradients
 unchanged; bf16 compute keeps f32 master weights; and FSDP divides the
 per-device bytes of parameters plus optimizer state by the fsdp size."""
@@ -19,9 +19,15 @@ from multimodal.data import pipeline
 from multimodal.models import layers
 from multimodal.tasks import classify, clip, dit, vlm
 
+pytestmark = pytest.mark.unit
+
 FAMILIES = ("clip", "siglip", "dit", "vlm", "classifier")
+# One mesh with every axis: its step runs each sharding rule (batch over
+# data and fsdp, parameters over fsdp and tensor) that fsdp=8 alone would run
+# on one axis, so a step on fsdp=8 checks nothing more; fsdp=8 itself stays
+# in test_fsdp_divides_parameter_and_optimizer_bytes (the per-device bytes),
+# and every mesh of tests/test_losses_ring.py runs the sharded losses.
 MESHES = {
-    "fsdp=8": {"fsdp": 8},
     "data=2,fsdp=2,tensor=2": {"data": 2, "fsdp": 2, "tensor": 2},
 }
 BATCH = 32

@@ -21,6 +21,7 @@ def _objects(example):
   return list(zip(o["shape"], o["colour"], o["size"], o["position"], o["bbox"]))
 
 
+@pytest.mark.unit
 def test_constants():
   assert len(sw.SHAPES) == len(sw.COLOURS) == 8
   assert len(sw.POSITIONS) == 9 and sw.SIZES == ("small", "large")
@@ -29,6 +30,7 @@ def test_constants():
   assert sorted(c for _, c in sw.NOVEL_PAIRS) == sorted(sw.COLOURS)
 
 
+@pytest.mark.unit
 def test_deterministic_per_index():
   a = sw.generate_example(3, "train", 17)
   b = sw.generate_example(3, "train", 17)
@@ -40,6 +42,7 @@ def test_deterministic_per_index():
   assert not np.array_equal(a["image"], d["image"])
 
 
+@pytest.mark.unit
 def test_example_structure(train_examples):
   counts = collections.Counter()
   for ex in train_examples[:300]:
@@ -53,6 +56,7 @@ def test_example_structure(train_examples):
   assert set(counts) == {1, 2, 3}
 
 
+@pytest.mark.unit
 def test_novel_pairs_held_out(train_examples):
   novel = set(sw.NOVEL_PAIRS)
   for split in EVAL_SPLITS:
@@ -69,6 +73,7 @@ def test_novel_pairs_held_out(train_examples):
   assert num_single > 0
 
 
+@pytest.mark.unit
 def test_every_shape_and_colour_in_train(train_examples):
   seen = [(s, c) for ex in train_examples for s, c, *_ in _objects(ex)]
   assert {s for s, _ in seen} == set(sw.SHAPES)
@@ -76,6 +81,7 @@ def test_every_shape_and_colour_in_train(train_examples):
   assert len(set(seen)) == 64 - 8
 
 
+@pytest.mark.unit
 def test_captions_name_every_object(train_examples):
   templates = set()
   details = collections.Counter()
@@ -101,6 +107,7 @@ def test_captions_name_every_object(train_examples):
     assert abs(details[detail] / total - p) < 0.05, details
 
 
+@pytest.mark.unit
 def test_answers_agree_with_objects(train_examples):
   yes_no = collections.Counter()
   for ex in train_examples:
@@ -131,6 +138,7 @@ def test_answers_agree_with_objects(train_examples):
   assert total > 1000 and abs(yes_no["yes"] / total - 0.5) < 0.03
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("image_size", [64, 32])
 def test_boxes_cover_drawn_pixels(image_size):
   checked = 0
@@ -157,6 +165,7 @@ def test_boxes_cover_drawn_pixels(image_size):
   assert checked > 30
 
 
+@pytest.mark.unit
 def test_large_objects_are_larger():
   for size in (32, 64):
     small, _ = sw.shape_mask("circle", "small", size)
@@ -164,6 +173,7 @@ def test_large_objects_are_larger():
     assert large.sum() > 1.8 * small.sum()
 
 
+@pytest.mark.unit
 def test_png_bytes_round_trip():
   from PIL import Image
   import io
@@ -172,6 +182,7 @@ def test_png_bytes_round_trip():
   np.testing.assert_array_equal(decoded, image)
 
 
+@pytest.mark.unit
 def test_tfds_build_load_and_reuse(tmp_path):
   import tensorflow as tf
   import tensorflow_datasets as tfds
@@ -218,6 +229,7 @@ def test_tfds_build_load_and_reuse(tmp_path):
                    for p in tmp_path.rglob("*") if p.is_file()}
 
 
+@pytest.mark.integration
 def test_processes_preparing_the_same_world_at_once_all_get_it(tmp_path):
   """What the processes of a multi-process job do on a fresh data_dir: they
   call prepare at the same moment (each, once imported, says it is ready and
@@ -251,6 +263,7 @@ def test_processes_preparing_the_same_world_at_once_all_get_it(tmp_path):
   assert sum("shapes_world: prepared" in out for out, _ in outputs) == 1
 
 
+@pytest.mark.unit
 def test_unprepared_config_by_name(tmp_path):
   import tensorflow_datasets as tfds
   from multimodal.data import shapes_builder
@@ -264,6 +277,7 @@ def test_unprepared_config_by_name(tmp_path):
   assert builder.info.features["image"].shape == (48, 48, 3)
 
 
+@pytest.mark.unit
 def test_object_counts_follow_their_distribution(train_examples):
   counts = collections.Counter(ex["num_objects"] for ex in train_examples)
   total = sum(counts.values())
@@ -280,6 +294,7 @@ FINGERPRINTS = {
 }
 
 
+@pytest.mark.unit
 def test_generator_changes_bump_the_dataset_version():
   import hashlib
   from multimodal.data import shapes_builder

@@ -33,6 +33,7 @@ def _clip_config():
 # -- Definition ----------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_expand_list_form_keeps_points_and_product_form_multiplies():
   assert sweep.expand([{"lr": 1e-3}, {"lr": 3e-3, "wd": 0.0}]) == [
       {"lr": 1e-3}, {"lr": 3e-3, "wd": 0.0}]
@@ -44,6 +45,7 @@ def test_expand_list_form_keeps_points_and_product_form_multiplies():
   assert sweep.expand([{"config.shape": [1, 2]}]) == [{"shape": (1, 2)}]
 
 
+@pytest.mark.unit
 def test_clip_shapes_defines_a_learning_rate_sweep():
   from configs import clip_shapes
   assert sweep.expand(clip_shapes.get_sweep()) == [
@@ -68,11 +70,13 @@ def test_clip_shapes_defines_a_learning_rate_sweep():
     ([{"schedule": {"warmup_steps": 5}}], "sweep key 'schedule'.*not a plain literal"),
     ([{"lr": lambda: 1}], "sweep key 'lr'.*function.*not a plain literal"),
 ])
+@pytest.mark.unit
 def test_malformed_sweeps_say_what_is_wrong(bad, message):
   with pytest.raises(sweep.SweepError, match=message):
     sweep.expand(bad)
 
 
+@pytest.mark.unit
 def test_unknown_key_is_named_with_the_closest_valid_keys():
   config = _clip_config()
   with pytest.raises(sweep.SweepError, match=r"unknown config key 'lrr'.*Did you mean 'lr'"):
@@ -86,6 +90,7 @@ def test_unknown_key_is_named_with_the_closest_valid_keys():
     sweep.check_keys([{"lr": 1e-3}], config, ["--config.lr=1e-2"])
 
 
+@pytest.mark.unit
 def test_values_that_do_not_fit_their_field_are_named():
   spec = "configs/clip_shapes.py"
   sweep.check_points(spec, [{"lr": 1e-3, "input.batch_size": 32}])
@@ -103,6 +108,7 @@ def test_values_that_do_not_fit_their_field_are_named():
     sweep.check_points(spec, [{"input.pp": "decode|no_such_op"}])
 
 
+@pytest.mark.unit
 def test_point_names_are_readable_stable_and_unique(tmp_path):
   points = sweep.expand({"lr": [1e-3, 1e-2], "input.batch_size": [64]})
   assert sweep.point_names(points) == ["lr=0.001,batch_size=64", "lr=0.01,batch_size=64"]
@@ -122,6 +128,7 @@ from ml_collections import config_dict
 
 def get_config(arg=None):
   c = config_dict.ConfigDict()
+  c.task = "classify"
   c.total_steps = 1
   for i in range(7):
     c[f"f{i}"] = 1.5
@@ -140,6 +147,7 @@ ROUND_TRIP_VALUES = {
 }
 
 
+@pytest.mark.integration
 def test_overrides_round_trip_through_the_real_cli_parser(tmp_path):
   """The exact flags a point's training gets, read by experiments/cli.py in a
   fresh process, give back every value with its type."""
@@ -167,6 +175,7 @@ def test_overrides_round_trip_through_the_real_cli_parser(tmp_path):
 # -- Devices and SLURM -----------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_parallel_points_get_disjoint_devices():
   assert sweep_devices.device_envs("cpu", [], 3) == [{}, {}, {}]
   assert sweep_devices.device_envs("gpu", ["0", "1", "2", "3"], 1) == [{}]
@@ -184,12 +193,14 @@ def test_parallel_points_get_disjoint_devices():
     sweep_devices.device_envs("gpu", ["0", "1"], 4)
 
 
+@pytest.mark.unit
 def test_array_spec_compresses_indices():
   assert sweep_devices.array_spec([0, 1, 2]) == "0-2"
   assert sweep_devices.array_spec([5, 0, 2, 3]) == "0,2-3,5"
   assert sweep_devices.array_spec([4]) == "4"
 
 
+@pytest.mark.integration
 def test_slurm_dry_run_prints_the_array_script_of_the_unfinished_points(tmp_path):
   sweep_dir = tmp_path / "sw"
   finished = sweep_dir / "lr=0.003"  # The middle point of the default 3.
@@ -237,6 +248,7 @@ def _fake_sweep(tmp_path):
   return points
 
 
+@pytest.mark.unit
 def test_collect_writes_csv_markdown_and_plots(tmp_path):
   points = _fake_sweep(tmp_path)
   result = sweep_report.collect(points, str(tmp_path))
@@ -281,6 +293,7 @@ def test_collect_writes_csv_markdown_and_plots(tmp_path):
     sweep_report.collect(points, str(tmp_path), metric="eval/acc")
 
 
+@pytest.mark.unit
 def test_collect_before_any_point_finished(tmp_path):
   points = sweep.make_points(sweep.expand({"lr": [1e-3, 1e-2]}), str(tmp_path))
   result = sweep_report.collect(points, str(tmp_path))
@@ -296,31 +309,36 @@ FAILING_SWEEP_CONFIG = """
 from configs.clip_shapes import get_config
 
 def get_sweep(arg=None):
-  return [{"task": "no_such_task"}, {"task": "nor_this_one"}]
+  # Each passes the config checks and fails when its run reads its data.
+  return [{"input.data": "captions:/no/such.tsv"}, {"input.data": "captions:/nor/this.tsv"}]
 """
 
 
+@pytest.mark.integration
 def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path):
   config_path = tmp_path / "failing.py"
   config_path.write_text(FAILING_SWEEP_CONFIG)
   sweep_dir = tmp_path / "sw"
   run = _run(["-m", "experiments.sweep", str(config_path), f"--sweep_dir={sweep_dir}"])
   assert run.returncode == 1, run.stderr[-3000:]
-  assert "task=no_such_task: FAILED (exit status" in run.stdout
-  assert "task=nor_this_one: FAILED" in run.stdout  # The sweep went on.
-  assert "unknown config.task 'no_such_task'" in run.stdout  # The log's end.
+  assert "such.tsv: FAILED (exit status" in run.stdout
+  assert "this.tsv: FAILED" in run.stdout  # The sweep went on.
+  assert "captions:/no/such.tsv does not exist" in run.stdout  # The log's end.
   assert "2 of 2 points failed" in run.stderr
-  log = (sweep_dir / "task=no_such_task" / "train.log").read_text()
-  assert "unknown config.task" in log
+  (first,) = [p for p in sweep_dir.iterdir() if p.is_dir() and "such" in p.name]
+  assert "captions:/no/such.tsv does not exist" in (first / "train.log").read_text()
   with open(sweep_dir / "sweep.csv") as f:
     assert [r["status"] for r in csv.DictReader(f)] == ["failed", "failed"]
   assert json.loads((sweep_dir / "sweep.json").read_text())["points"][1]["args"] == [
-      "--config.task=nor_this_one"]
+      "--config.input.data=captions:/nor/this.tsv"]
 
 
+@pytest.mark.integration
 def test_a_bad_sweep_is_one_error_line(tmp_path):
   config_path = tmp_path / "typo.py"
-  config_path.write_text(FAILING_SWEEP_CONFIG.replace('"task"', '"taks"'))
+  config_path.write_text(
+      'from configs.clip_shapes import get_config\n\n'
+      'def get_sweep(arg=None):\n  return [{"taks": "clip"}]\n')
   run = _run(["-m", "experiments.sweep", str(config_path),
               f"--sweep_dir={tmp_path / 'sw'}"])
   assert run.returncode == 2
@@ -331,7 +349,7 @@ def test_a_bad_sweep_is_one_error_line(tmp_path):
   assert not (tmp_path / "sw").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_lr_sweep_of_clip_shapes_end_to_end_then_rerun_skips(data_dir, tmp_path):
   """Two tiny CLIP runs (4 steps) at once, as `./launch.sh sweep` runs them;
   the rerun retrains nothing and rewrites the same table."""

@@ -6,6 +6,8 @@ import pytest
 
 from multimodal.data import templates
 
+pytestmark = pytest.mark.unit
+
 
 def test_imagenet_has_clips_80_templates_with_one_placeholder():
   imagenet = templates.get("imagenet")

@@ -9,6 +9,8 @@ import pytest
 
 from multimodal.data import tokenizer as tokenizer_lib
 
+pytestmark = pytest.mark.unit
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan", "orange"]
 SHAPES = ["circle", "square", "triangle", "star", "heart", "diamond"]
 

@@ -11,6 +11,8 @@ from multimodal.parallel import sharding
 from multimodal.train import trainer
 from multimodal.data import pipeline
 
+pytestmark = pytest.mark.unit
+
 
 def test_ema_params_follow_the_closed_form_average(clip_task):
   config = clip_task.config.copy_and_resolve_references()

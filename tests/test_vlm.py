@@ -15,7 +15,7 @@ import optax
 import pytest
 import tensorflow as tf
 
-from conftest import E2E_WORLD, ROOT, TINY_WORLD, TRAINED_CLIP_GROUP
+from conftest import E2E_WORLD, ROOT, TINY_WORLD, TRAINED_CLIP_GROUP, full_optimisation_env
 from multimodal.config import config_lib
 from multimodal.train import optim, trainer
 from multimodal.tasks import trained_runs
@@ -49,6 +49,7 @@ def align_task(data_dir, clip_workdir):
   return vlm.VisionLanguageTask(vlm_config(data_dir, clip_workdir, "align", 3))
 
 
+@pytest.mark.unit
 def test_text_layout_and_masks(align_task):
   tok = align_task.tokenizer
   pp = preprocess.build("vlm_text(max_len=24)", tokenizer=tok)
@@ -65,6 +66,7 @@ def test_text_layout_and_masks(align_task):
   np.testing.assert_array_equal(out["input_mask"].numpy(), np.r_[np.ones(n), np.zeros(24 - n)])
 
 
+@pytest.mark.unit
 def test_dialogue_layout_later_turns_are_causal_and_left_out_when_they_do_not_fit(
     align_task):
   """1-D prompt and answer: q1 a1 EOS q2 a2 EOS ..., the first prompt the only
@@ -90,6 +92,7 @@ def test_dialogue_layout_later_turns_are_causal_and_left_out_when_they_do_not_fi
   np.testing.assert_array_equal(out["input_mask"].numpy(), [1] * two_turns + [0] * pad)
 
 
+@pytest.mark.unit
 def test_vlm_task_asks_several_of_an_images_questions_or_its_caption():
   example = {"questions": tf.constant([f"q{i}?" for i in range(5)]),
              "answers": tf.constant([f"a{i}" for i in range(5)]),
@@ -110,6 +113,7 @@ def test_vlm_task_asks_several_of_an_images_questions_or_its_caption():
   assert out["answer"].numpy()[0].decode() in ("a red circle.", "one red circle.")
 
 
+@pytest.mark.unit
 def test_image_and_prompt_are_prefix_answer_is_causal(align_task):
   """Two image tokens, a two-token prompt, a two-token answer, one pad."""
   model = align_task.model
@@ -127,6 +131,7 @@ def test_image_and_prompt_are_prefix_answer_is_causal(align_task):
   np.testing.assert_array_equal(got[:6, :6], np.tril(np.ones((6, 6), int)))
 
 
+@pytest.mark.unit
 def test_loss_counts_answer_tokens_only(align_task):
   params = jax.tree.map(lambda x: x.value, align_task.init(jax.random.key(0)),
                         is_leaf=lambda x: hasattr(x, "value"))
@@ -154,6 +159,7 @@ def test_loss_counts_answer_tokens_only(align_task):
   assert prompt_ce.size and abs(prompt_ce.mean() - float(loss)) > 1e-3
 
 
+@pytest.mark.unit
 def test_conv_projector_against_numpy():
   """projector="conv": token (r, c) mixes the 3x3 patches around it (zero
   padding at the border), as a numpy reference computes it, then GELU and
@@ -181,6 +187,7 @@ def test_conv_projector_against_numpy():
     projector.apply({"params": params}, tokens[:, :12])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["mlp", "block"])
 def test_only_the_block_projector_lets_image_tokens_see_each_other(kind):
   """Changing the features of the last patch changes only its own token
@@ -195,6 +202,7 @@ def test_only_the_block_projector_lets_image_tokens_see_each_other(kind):
   assert changed[:-1].all() if kind == "block" else not changed[:-1].any()
 
 
+@pytest.mark.unit
 def test_stem_features_sit_beside_the_final_ones():
   """stem_features=True: the projector reads [tokens entering the first
   block, final tokens]. With the stem half of its first kernel zeroed it is
@@ -234,6 +242,7 @@ def test_stem_features_sit_beside_the_final_ones():
   assert not np.allclose(aux["embedded"], aux["encoded"], atol=1e-2)
 
 
+@pytest.mark.unit
 def test_image_positions_sequence_or_shared():
   """RoPE positions of [2 image tokens; 3 text tokens, 1 pad]: in raster
   order, or every image token at 0 and the text from 1; a pad repeats its
@@ -247,6 +256,7 @@ def test_image_positions_sequence_or_shared():
   assert got == {"sequence": [[0, 1, 2, 3, 4, 4]], "shared": [[0, 0, 1, 2, 3, 3]]}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("image_positions", vlm_model.IMAGE_POSITIONS)
 def test_cached_generation_equals_greedy_reruns_of_the_whole_model(image_positions):
   """The task's jitted generation (prefill into a KV cache, then one token a
@@ -286,6 +296,7 @@ def test_cached_generation_equals_greedy_reruns_of_the_whole_model(image_positio
     assert generated[row].tolist() == want
 
 
+@pytest.mark.unit
 def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   """Stage align starts from the CLIP run's vision tower and the lm stage's
   LM (both trained on first use), freezes both: after training they are
@@ -308,6 +319,7 @@ def test_align_trains_only_the_projector(data_dir, clip_workdir, tmp_path):
   assert moved
 
 
+@pytest.mark.unit
 def test_a_finished_run_does_not_need_its_vision_run_at_hand(data_dir, trainings_asked):
   """ask, caption and eval build a finished run's task: the tower's
   architecture comes from the vision run's config, not from a trained run
@@ -322,7 +334,7 @@ def test_a_finished_run_does_not_need_its_vision_run_at_hand(data_dir, trainings
   assert trainings_asked == ["configs/clip_shapes.py:res=32"]
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 @pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
   """All stages through `run` (the earlier ones trained on first use) on the
@@ -338,7 +350,8 @@ def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
           f"--config.init.lm.config=configs/vlm_shapes.py:stage=lm,steps=300,{small}",
           f"--config.init.run.config=configs/vlm_shapes.py:stage=align,steps=300,{small}",
           *[f"--config.input.shapes_world.{k}={v}" for k, v in E2E_WORLD.items()]]
-  run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+  run = subprocess.run(args, cwd=ROOT, env=full_optimisation_env(),
+                       capture_output=True, text=True, timeout=1500)
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())["metrics"]
   # A model that ignores the image names a colour right 1 time in 8, and
@@ -353,21 +366,24 @@ def test_tiny_vlm_through_the_command_line(data_dir, trained_clip, tmp_path):
     (image_dir / f"{i}.png").write_bytes(shapes_world.png_bytes(ex["image"]))
   ask = subprocess.run([sys.executable, "-m", "experiments.ask", f"--workdir={workdir}",
                         f"--image={image_dir}", "how many objects are there?"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=full_optimisation_env(),
+                       capture_output=True, text=True, timeout=600)
   assert ask.returncode == 0, ask.stderr[-3000:]
   lines = ask.stdout.strip().splitlines()
   assert len(lines) == 3 and all(line.startswith(str(image_dir)) for line in lines)
   assert all(line.rsplit(": ", 1)[1] in shapes_world.NUMBER_WORDS for line in lines), lines
   caption = subprocess.run([sys.executable, "-m", "experiments.caption", f"--workdir={workdir}",
                             f"--image={image_dir / '0.png'}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           cwd=ROOT, env=full_optimisation_env(),
+                           capture_output=True, text=True, timeout=600)
   assert caption.returncode == 0, caption.stderr[-3000:]
   assert caption.stdout.startswith(f"{image_dir / '0.png'}: ") and len(caption.stdout) > 20
   # A file that is not an image: one clear line, no traceback.
   (image_dir / "bad.png").write_bytes(b"not an image")
   bad = subprocess.run([sys.executable, "-m", "experiments.caption", f"--workdir={workdir}",
                         f"--image={image_dir / 'bad.png'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=full_optimisation_env(),
+                       capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert "bad.png" in bad.stderr.strip().splitlines()[-1]
 
@@ -390,6 +406,7 @@ def hf_llama_dir(tmp_path_factory):
   return str(directory), model
 
 
+@pytest.mark.unit
 def test_hf_llama_tokenizer_in_the_vlm_layout(hf_llama_dir):
   """The Llama family lays out ids as transformers' tokenizer does (BOS
   first); the VLM text keeps the prompt's BOS and no other."""
@@ -414,6 +431,7 @@ def test_hf_llama_tokenizer_in_the_vlm_layout(hf_llama_dir):
   assert tok.decode_batch(text[None, n:])[0] == answer
 
 
+@pytest.mark.unit
 def test_tune_from_hf_llama(data_dir, clip_workdir, hf_llama_dir):
   """--config.init.from_hf=DIR: the LM takes the checkpoint's architecture
   and tokenizer; the tune stage starts from an align run (trained on first

@@ -8,6 +8,8 @@ import sacrebleu
 from multimodal.data import shapes_world as sw
 from multimodal.evaluators import captioning, vqa
 
+pytestmark = pytest.mark.unit
+
 
 def _objects(example):
   o = example["objects"]

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import TRAINED_CLIP_GROUP
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.xdist_group(TRAINED_CLIP_GROUP)
 def test_grouped_tests_carry_their_group_in_the_node_id(request):
