@@ -14,7 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # to a threshold (the quality tier) keep XLA's defaults: they start their
 # processes with `full_optimisation_env()`, so their numbers do not move.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+# Set in full_optimisation_env(): a process started with it keeps XLA's
+# defaults even where it imports this module (a test's helper script).
+FULL_OPTIMISATION = "MM_TESTS_FULL_OPTIMISATION"
+if ("xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+    and not os.environ.get(FULL_OPTIMISATION)):
   os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAG
 # Under pytest-xdist each worker keeps to its own cores (worker i gets cores
 # i, i+n, ...), and so do the processes it starts. Left to share them, every
@@ -82,6 +86,7 @@ def full_optimisation_env() -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if f != FAST_COMPILE_FLAG)
+  env[FULL_OPTIMISATION] = "1"
   return env
 
 
