@@ -78,7 +78,7 @@ export TF_ENABLE_ONEDNN_OPTS="${TF_ENABLE_ONEDNN_OPTS:-0}"
 # block back to the kernel, so each run of a jitted step page-faults its
 # buffers in again: 200k faults per CLIP bench step, a third of its time on a
 # 2-core VM. No mmap for large blocks, no trimming of the heap, and the heap
-# on transparent huge pages where the kernel offers them (README, Performance).
+# on transparent huge pages where the kernel offers them (docs/performance.md).
 # Ours come first, so a GLIBC_TUNABLES of the caller's wins (once: a
 # launch.sh started by another, as --procs and --slurm do, adds nothing).
 malloc_tunables="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"

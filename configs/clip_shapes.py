@@ -6,7 +6,7 @@ r"""A small CLIP trained from scratch on the shapes world: the embedded default.
   ./launch.sh sweep configs/clip_shapes.py          # lr in 1e-3, 3e-3, 1e-2 (get_sweep)
 
 It trains on the 2-core CPU in minutes and reaches zero-shot shape and colour
-accuracy above 0.9 (chance 0.125); the README gives the measured numbers.
+accuracy above 0.9 (chance 0.125); docs/families/clip.md gives the measured numbers.
 """
 from ml_collections import config_dict
 
@@ -58,7 +58,7 @@ def get_config(arg=None):
   # shape only slowly; early convolutions (beside a linear patchify) fix that
   # (see models/vit.py).
   # pool="map" (SigLIP's attention pooling) learnt shape better here than
-  # "gap" (zero-shot 0.97 vs 0.95; README, "Vision-language model").
+  # "gap" (zero-shot 0.97 vs 0.95; docs/notes/2026-12-04-vlm-default.md).
   c.model.image = dict(variant=arg.variant, stem=arg.stem, pool_type=arg.pool,
                        posemb="learn")
   # The last text block computes the EOS token alone, all the loss reads:

@@ -18,7 +18,8 @@ from multimodal.data import shapes_world
 
 def get_config(arg=None):
   # nano/2 on 16 px crops: 64 tokens of 2x2 px. At the same cost, mu/4 on
-  # 32 px (4x4 px tokens) drew blobs; nano/2 draws the shapes (README).
+  # 32 px (4x4 px tokens) drew blobs; nano/2 draws the shapes
+  # (docs/notes/2026-11-24-dit-default.md).
   arg = config_lib.parse_arg(arg, variant="nano/2", steps=4000, res=16, batch=64,
                              cond="class", cross_attention=False, crop=True)
   if arg.cond not in ("class", "text"):
@@ -99,7 +100,7 @@ def get_config(arg=None):
   # Sampling: rows per model call of the guided (doubled) batch, which goes
   # through the model in that many at a time; the same samples. 0: all at once.
   # 32 keeps a part's activations in a CPU's cache: 1.2x the whole batch of
-  # 128 on 2 cores (README, Performance); an accelerator wants 0.
+  # 128 on 2 cores (docs/performance.md); an accelerator wants 0.
   c.sample_microbatch_size = 32
   c.lr = 1e-3
   c.wd = 0.0

@@ -71,7 +71,7 @@ def get_config(arg=None):
   # A 32 px patch at res 96 makes one token per cell of the world's 3x3 grid,
   # so a token sees one object. Of its 4 blocks, the first one's features
   # (vision_layer=-4) taught the VLM more than the last one's (VQA 0.835 vs
-  # 0.814 at 3000 tune steps; README, "Vision-language model").
+  # 0.814 at 3000 tune steps; docs/families/vlm.md).
   c.model.vision = dict(workdir=config_dict.placeholder(str),
                         config=f"configs/clip_shapes.py:variant={arg.tower},res={arg.res}")
   c.model.lm = dict(variant=arg.lm, tie_embeddings=False)
@@ -79,7 +79,7 @@ def get_config(arg=None):
   c.model.vision_layer = arg.vision_layer
   c.model.stem_features = arg.stem_features
   # "shared": every image token at RoPE position 0 (models/vlm.py); on the
-  # shapes world it lost position questions (README, "Vision-language model").
+  # shapes world it lost position questions (docs/families/vlm.md).
   c.model.image_positions = arg.image_positions
   c.model.causal = arg.causal
   # Where each stage starts: the runs of the previous stages.

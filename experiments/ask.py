@@ -44,10 +44,10 @@ def answer_images(workdir: str, image: str, question: str | None) -> list[tuple[
   import numpy as np
   import tensorflow as tf
 
-  from multimodal.config import config_lib
   from multimodal import tasks
-  from multimodal.eval_suite import encoders, index
+  from multimodal.config import config_lib
   from multimodal.data import errors, preprocess
+  from multimodal.eval_suite import encoders, index
   from multimodal.tasks import trained_runs
   config = config_lib.load_workdir_config(workdir)
   if config.task != "vlm" or config.stage == "lm":

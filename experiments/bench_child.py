@@ -20,8 +20,8 @@ def time_step(family: str, repeats: int, smoke: bool, data_dir: str | None) -> d
   faults of one step after the timing."""
   import resource
 
-  from multimodal.perf import measure
   from multimodal.parallel import sharding
+  from multimodal.perf import measure
   settings = bench_rows.Settings(repeats=repeats, peak_flops=float("nan"), profile_dir=None,
                                  smoke=smoke)
   config = {"clip": bench_families.clip_config,

@@ -18,8 +18,8 @@ from experiments.bench_rows import (Settings, allocator_row, before_row, loop_ro
                                     median_throughput, peer_throughput, row,
                                     timed_and_profiled, train_rows)
 from multimodal.config import config_lib
-from multimodal.perf import measure
 from multimodal.parallel import sharding
+from multimodal.perf import measure
 from multimodal.train import trainer
 
 # The shapes world of --smoke: as the test suite's (tests/conftest.py), so
@@ -34,7 +34,7 @@ DECODE_LENGTHS = (32, 64, 128, 256)
 LOOP_STEPS = 20  # Steps per timed run of the training-loop rows.
 # DiT's step as two microbatches written out one after the other
 # (accumulate.py): the same update, and on this CPU faster than the whole
-# batch at once, whose activations outgrow the cache (README, Performance).
+# batch at once, whose activations outgrow the cache (docs/performance.md).
 # Not CLIP's: with its last blocks on the pooled tokens only, its step ran
 # as fast either way (the two timed in turn in one process).
 MICROBATCHES = dict(grad_accum_steps=2, grad_accum_unroll=True)

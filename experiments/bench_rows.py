@@ -17,11 +17,11 @@ import time
 import jax
 
 from experiments import bench_peers, bench_process
-from multimodal.perf import flops, measure
-from multimodal.parallel import sharding
 from multimodal import tasks
-from multimodal.train import trainer
 from multimodal.data import pipeline
+from multimodal.parallel import sharding
+from multimodal.perf import flops, measure
+from multimodal.train import trainer
 
 # Batches the input-pipeline rows read after their warm-up.
 PIPELINE_BATCHES = 20

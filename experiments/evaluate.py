@@ -57,9 +57,9 @@ def on_split(evals, split: str):
 
 
 def run_own_evaluators(workdir: str) -> None:
+  from multimodal import tasks
   from multimodal.config import config_lib
   from multimodal.train import report, trainer
-  from multimodal import tasks
   config = config_lib.load_workdir_config(workdir)
   if SPLIT.value:
     with config.unlocked():
@@ -74,8 +74,8 @@ def run_benchmarks() -> None:
   import jax
 
   from multimodal.config import config_lib
-  from multimodal.eval_suite import datasets, encoders, results, suite
   from multimodal.data import templates as templates_lib
+  from multimodal.eval_suite import datasets, encoders, results, suite
   encoder = encoders.load(workdir=WORKDIR.value, hf=HF.value)
   shapes_world = None
   if WORKDIR.value:  # Its own world, for shapes_world/* benchmarks.

@@ -41,10 +41,10 @@ def main(argv: list[str]) -> None:
 
   import jax
   import numpy as np
-  from multimodal.train import checkpoint, trainer
-  from multimodal.parallel import sharding
   from multimodal import tasks
   from multimodal.evaluators import generation
+  from multimodal.parallel import sharding
+  from multimodal.train import checkpoint, trainer
   task = tasks.get(config.task)(config)
   # Pad the batch to the data-parallel size; the extra samples are dropped.
   mesh = sharding.make_mesh(config.mesh)

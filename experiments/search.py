@@ -25,8 +25,8 @@ def main(argv: list[str]) -> None:
     fail("give --index FILE.npz (written by ./launch.sh embed).")
   if (TEXT.value is None) == (IMAGE.value is None):
     fail('give exactly one query: --text "..." or --image PATH.')
-  from multimodal.eval_suite import encoders, index
   from multimodal.data import errors
+  from multimodal.eval_suite import encoders, index
   try:
     data = index.load(INDEX.value)
     made_by = data["encoder"]

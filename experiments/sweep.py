@@ -53,7 +53,7 @@ MODE = flags.DEFINE_enum("mode", "auto", ["auto", "max", "min"],
 def main(argv: list[str]) -> None:
   argv = cli.parse_flags(argv, __doc__)
   from multimodal.config import config_lib
-  from multimodal.sweep import points as sweep, devices as sweep_devices
+  from multimodal.sweep import devices as sweep_devices, points as sweep
   if cli.WORKDIR.value:
     fail("a sweep has one workdir per point; give --sweep_dir instead of --workdir.")
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
@@ -209,7 +209,7 @@ def _collect(points, sweep_dir) -> None:
 
 
 def _submit_slurm(points, spec, base, sweep_dir) -> int:
-  from multimodal.sweep import points as sweep, devices as sweep_devices
+  from multimodal.sweep import devices as sweep_devices, points as sweep
   todo = [p.index for p in points if sweep.status(p) != "done"]
   if not todo:
     print("Every point has finished already; nothing to submit.", file=sys.stderr)

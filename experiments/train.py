@@ -62,9 +62,9 @@ def _launch_argv(argv: list[str]) -> list[str]:
 def _train_and_report() -> None:
   # Heavy imports after the flags: a typo in a key fails in a second.
   import jax
-  from multimodal.parallel import distributed
-  from multimodal.train import preemption, trainer, report
   from multimodal import tasks
+  from multimodal.parallel import distributed
+  from multimodal.train import preemption, report, trainer
   config = cli.CONFIG.value
   workdir = distributed.agree(cli.WORKDIR.value or cli.default_workdir())
   main_process = jax.process_index() == 0

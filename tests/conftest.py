@@ -153,8 +153,8 @@ def clip_task(data_dir):
 def clip_workdir(data_dir, tmp_path_factory):
   """A tiny CLIP run (10 steps, no evals): a vision tower for the VLM and a
   text encoder for the text-conditioned DiT."""
-  from multimodal.train import trainer
   from multimodal.tasks import clip
+  from multimodal.train import trainer
   config = tiny_clip_config(data_dir, total_steps=10)
   for name in list(config.evals):
     del config.evals[name]

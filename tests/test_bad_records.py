@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from multimodal.data import errors, pipeline, preprocess, sources, tokenizer as tokenizer_lib
 from multimodal.parallel import sharding
-from multimodal.data import errors, pipeline, preprocess, sources
-from multimodal.data import tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.unit
 

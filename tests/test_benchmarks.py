@@ -13,9 +13,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.metrics import balanced_accuracy_score
 
-from multimodal.parallel import sharding
-from multimodal.eval_suite import datasets, embedding, encoders, results, suite
 from multimodal.data import errors, preprocess
+from multimodal.eval_suite import datasets, embedding, encoders, results, suite
+from multimodal.parallel import sharding
 
 pytestmark = pytest.mark.unit
 

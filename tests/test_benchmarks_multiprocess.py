@@ -20,9 +20,9 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
 import numpy as np, tensorflow as tf
-from multimodal.parallel import sharding
 from multimodal.eval_suite import embedding, encoders
 from multimodal.models import two_towers
+from multimodal.parallel import sharding
 model = two_towers.TwoTowers(image=dict(variant="mu/8"), text=dict(variant="mu", vocab_size=16),
                              out_dim=8)
 images = np.random.default_rng(0).uniform(-1, 1, (13, 16, 16, 3)).astype(np.float32)

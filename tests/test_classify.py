@@ -11,12 +11,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from conftest import TINY_RECOGNIZER, TINY_WORLD, assert_logically_partitioned
 from multimodal.config import config_lib
-from multimodal.parallel import sharding
-from multimodal.tasks import trained_runs
-from multimodal.tasks.classify import ClassificationTask
 from multimodal.evaluators import classification
-from multimodal.tasks import recognizer
 from multimodal.models import classifier
+from multimodal.parallel import sharding
+from multimodal.tasks import recognizer, trained_runs
+from multimodal.tasks.classify import ClassificationTask
 
 
 @pytest.mark.unit

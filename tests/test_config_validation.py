@@ -15,9 +15,9 @@ import types
 import pytest
 
 from conftest import ROOT, tiny_clip_config
-from multimodal.tasks import config_checks
 from multimodal.config import config_lib
 from multimodal.sweep import points as sweep
+from multimodal.tasks import config_checks
 from test_config import run_cli
 
 # What a smuggled command would do: create this file. It must never exist.

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from multimodal.parallel import sharding
 from multimodal.data import errors, pipeline, preprocess, sources
+from multimodal.parallel import sharding
 
 pytestmark = pytest.mark.unit
 

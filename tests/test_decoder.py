@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_logically_partitioned
-from multimodal.models import decoder as dec
-from multimodal.models import decoding
+from multimodal.models import decoder as dec, decoding
 
 pytestmark = pytest.mark.unit
 

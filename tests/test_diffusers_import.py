@@ -28,8 +28,8 @@ from conftest import assert_logically_partitioned  # noqa: E402
 from parity import TOL, assert_parity, perturb_, rel_err  # noqa: E402
 from multimodal.config import config_lib  # noqa: E402
 from multimodal.tasks import config_checks  # noqa: E402
-from multimodal.train import optim
 from multimodal.parallel import sharding
+from multimodal.train import optim
 from multimodal.importers import diffusers_dit, diffusers_vae, safetensors_io as io  # noqa: E402
 from multimodal.importers.safetensors_io import WeightImportError  # noqa: E402
 from multimodal.models import dit, vae  # noqa: E402

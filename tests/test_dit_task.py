@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_WORLD, full_optimisation_env
-from multimodal.train import trainer
 from multimodal.evaluators import generation
 from multimodal.tasks import dit as dit_task
+from multimodal.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

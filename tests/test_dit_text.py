@@ -11,8 +11,8 @@ import pytest
 
 from conftest import TINY_WORLD
 from multimodal.config import config_lib
-from multimodal.train import trainer
 from multimodal.tasks import dit as dit_task, text_encoder
+from multimodal.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

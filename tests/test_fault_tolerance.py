@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_clip_config
-from multimodal.train import checkpoint, optim, preemption, trainer
 from multimodal.config import config_lib
 from multimodal.parallel import sharding
-from multimodal.train import workdir as workdir_lib
+from multimodal.train import checkpoint, optim, preemption, trainer, workdir as workdir_lib
 
 STEPS = 12
 

@@ -136,8 +136,8 @@ def test_missing_file_dataset_errors(tmp_path):
 def test_clip_trains_on_file_datasets(kind, tmp_path, data_dir):
   """`--config.input.data=captions:PATH` or `folder:PATH` feeds the
   unchanged CLIP task and trainer (here a few steps of a tiny model)."""
-  from multimodal.train import trainer
   from multimodal.tasks import clip
+  from multimodal.train import trainer
   if kind == "folder":
     spec = f"folder:{make_folder(tmp_path / 'data', per_class=8)}"
   else:

@@ -8,10 +8,10 @@ import pytest
 
 from configs import clip_shapes, dit_shapes, shapes_classifier, siglip_shapes, vlm_shapes
 from multimodal.config import config_lib
-from multimodal.perf import flops
-from multimodal.tasks import contrastive_losses as losses
 from multimodal.diffusion import losses as diffusion_losses, schedules
 from multimodal.models import classifier, decoder, dit, text, two_towers, vit, vlm
+from multimodal.perf import flops
+from multimodal.tasks import contrastive_losses as losses
 
 pytestmark = pytest.mark.unit
 

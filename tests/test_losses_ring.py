@@ -11,9 +11,9 @@ import pytest
 
 from conftest import tiny_clip_config
 from multimodal.config import config_lib
-from multimodal.tasks import contrastive_losses as losses
-from multimodal.parallel import sharding
 from multimodal.data import pipeline
+from multimodal.parallel import sharding
+from multimodal.tasks import contrastive_losses as losses
 
 pytestmark = pytest.mark.unit
 

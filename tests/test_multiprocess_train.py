@@ -53,9 +53,9 @@ def _train_two_processes(data_dir, workdir, steps):
 def final_params(workdir):
   """The params of a run's latest checkpoint, on host, and its step."""
   import jax
+  from multimodal import tasks
   from multimodal.config import config_lib
   from multimodal.parallel import sharding
-  from multimodal import tasks
   from multimodal.train import trainer
   config = config_lib.load_workdir_config(str(workdir))
   task = tasks.get(config.task)(config)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from multimodal.data import preprocess as pp
-from multimodal.data import tokenizer as tokenizer_lib
+from multimodal.data import preprocess as pp, tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.unit
 

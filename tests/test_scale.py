@@ -13,11 +13,11 @@ import pytest
 
 from conftest import TINY_WORLD, tiny_clip_config
 from multimodal.config import config_lib
-from multimodal.parallel import sharding
-from multimodal.train import trainer
 from multimodal.data import pipeline
 from multimodal.models import layers
+from multimodal.parallel import sharding
 from multimodal.tasks import classify, clip, dit, vlm
+from multimodal.train import trainer
 
 pytestmark = pytest.mark.unit
 

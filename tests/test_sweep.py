@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_WORLD
-from multimodal.sweep import points as sweep, devices as sweep_devices, report as sweep_report
+from multimodal.sweep import devices as sweep_devices, points as sweep, report as sweep_report
 
 
 def _run(args, **kwargs):

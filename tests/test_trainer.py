@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_clip_config
+from multimodal.data import pipeline
 from multimodal.parallel import sharding
 from multimodal.train import trainer
-from multimodal.data import pipeline
 
 pytestmark = pytest.mark.unit
 

@@ -17,13 +17,11 @@ import tensorflow as tf
 
 from conftest import E2E_WORLD, ROOT, TINY_WORLD, TRAINED_CLIP_GROUP, full_optimisation_env
 from multimodal.config import config_lib
-from multimodal.train import optim, trainer
-from multimodal.tasks import trained_runs
 from multimodal.data import preprocess, shapes_world
-from multimodal.models import decoder
-from multimodal.models import vlm as vlm_model
+from multimodal.models import decoder, vlm as vlm_model
 from multimodal.models.vit import ConvStem
-from multimodal.tasks import vlm
+from multimodal.tasks import trained_runs, vlm
+from multimodal.train import optim, trainer
 
 
 def vlm_config(data_dir, clip_workdir, stage, steps, **overrides):

@@ -1,1 +1,2 @@
-"""Experiment configs: arg strings, dotted keys, loading and the checks that need neither data nor models."""
+"""Experiment configs: arg strings, dotted keys, loading, and the checks that
+need neither data nor models."""

@@ -21,8 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from multimodal.data import errors, files, pipeline, sources
-from multimodal.data import templates as templates_lib
+from multimodal.data import errors, files, pipeline, sources, templates as templates_lib
 
 SHAPES_PREFIX = "shapes_world/"
 SHAPES_BENCHMARKS = ("shape", "colour", "retrieval")

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from multimodal.parallel import sharding
-from multimodal.eval_suite.encoders import Encoder
 from multimodal.data import pipeline, preprocess
+from multimodal.eval_suite.encoders import Encoder
 from multimodal.evaluators import common
+from multimodal.parallel import sharding
 
 
 @dataclasses.dataclass

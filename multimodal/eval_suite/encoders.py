@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from multimodal.config import config_lib
-from multimodal.parallel import sharding
 from multimodal.data import preprocess
 from multimodal.models import two_towers
+from multimodal.parallel import sharding
 
 # Image ops a run's training pp may hold that also make sense at test time;
 # random ones are replaced by their deterministic counterpart, shapes-world
@@ -100,8 +100,8 @@ def test_time_image_pp(train_pp: str) -> str:
 
 def from_workdir(workdir: str) -> Encoder:
   """The latest checkpoint (its EMA params, if kept) of a CLIP/SigLIP run."""
-  from multimodal.train import trainer
   from multimodal.tasks import clip
+  from multimodal.train import trainer
   config = config_lib.load_workdir_config(workdir)
   if config.task != "clip":
     raise config_lib.ConfigError(

@@ -14,9 +14,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from multimodal.data import errors, files
 from multimodal.eval_suite import embedding
 from multimodal.eval_suite.encoders import Encoder
-from multimodal.data import errors, files
 
 EMPTY = np.zeros((0, 0), np.float32)
 

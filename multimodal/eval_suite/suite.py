@@ -18,10 +18,10 @@ import os
 import jax
 import numpy as np
 
+from multimodal.data import errors
 from multimodal.eval_suite import datasets
 from multimodal.eval_suite.embedding import Timing, embed_split
 from multimodal.eval_suite.encoders import Encoder
-from multimodal.data import errors
 from multimodal.evaluators import common, linear_probe, metrics, zero_shot
 
 ZEROSHOT_CLASSIFICATION = "zeroshot_classification"

@@ -59,7 +59,8 @@ Dtype = Any
 # name -> sizes; any field given explicitly to Decoder overrides its variant's.
 VARIANTS: dict[str, dict[str, int]] = {
     "mu": dict(width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=128),  # unit tests
-    # mu with a SwiGLU of 4x its width (no better on the shapes world's VQA: README).
+    # mu with a SwiGLU of 4x its width (no better on the shapes world's VQA:
+    # docs/families/vlm.md).
     "mu4": dict(width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=256),
     "nano": dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384),  # CPU demos
     "S": dict(width=384, depth=12, num_heads=6, num_kv_heads=2, mlp_dim=1024),

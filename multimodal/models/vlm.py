@@ -35,12 +35,12 @@ class Projector(nn.Module):
   "conv" is for small vision towers whose tokens hold little beyond their own
   patch: an object larger than a patch has its shape spread over its
   neighbours. On the shapes world it has not yet raised VQA accuracy
-  (README, "Vision-language model").
+  (docs/families/vlm.md).
 
   "block" puts one trainable pre-LN transformer block (BLOCK_HEADS) between the
   two Dense layers: attention among the image tokens, for a frozen tower
   whose tokens do not hold an object's shape where the object is. On the
-  shapes world it did not raise VQA accuracy either (README).
+  shapes world it did not raise VQA accuracy either (docs/families/vlm.md).
   """
   kind: str
   out_dim: int
@@ -94,7 +94,7 @@ class VisionLanguageModel(nn.Module):
   # stem's local features plus position embeddings), concatenated to the
   # chosen layer's: a small contrastive tower may pool an object's shape away
   # from its own tokens, where its stem still holds it. (On the shapes world
-  # this did not raise VQA accuracy: README, "Vision-language model".)
+  # this did not raise VQA accuracy: docs/families/vlm.md.)
   stem_features: bool = False
   causal: bool = False
   # RoPE positions of the image tokens: "sequence", 0 .. N-1 in raster order

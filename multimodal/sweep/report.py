@@ -10,7 +10,8 @@ import os
 import re
 
 from multimodal.config import config_lib
-from multimodal.sweep.points import Point, SweepError, format_value, sanitise, short_keys, status, swept_keys, write_atomic
+from multimodal.sweep.points import (Point, SweepError, format_value, sanitise, short_keys,
+                                     status, swept_keys, write_atomic)
 
 _LOWER_IS_BETTER = re.compile(r"loss|error|(^|[/_])err|fid|perplexity|nll|mse|mae",
                               re.IGNORECASE)

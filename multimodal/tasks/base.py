@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 import jax
 import tensorflow as tf
 
-from multimodal.train import accumulate, optim
-from multimodal.tasks import config_checks
 from multimodal.config import config_lib
-from multimodal.parallel import sharding
 from multimodal.data import pipeline, sources
 from multimodal.models import layers
+from multimodal.parallel import sharding
+from multimodal.tasks import config_checks
+from multimodal.train import accumulate, optim
 
 
 class Task(abc.ABC):

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from multimodal.parallel import sharding
 from multimodal.data import pipeline, preprocess
 from multimodal.evaluators import classification
 from multimodal.models import classifier
+from multimodal.parallel import sharding
 from multimodal.tasks import base
 
 

@@ -7,15 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal.train import accumulate, optim
 from multimodal.config import config_lib
-from multimodal.tasks import contrastive_losses as losses
-from multimodal.parallel import sharding
-from multimodal.data import pipeline, preprocess, tokenizer as tokenizer_lib
+from multimodal.data import pipeline, preprocess, templates, tokenizer as tokenizer_lib
 from multimodal.evaluators import retrieval, zero_shot
-from multimodal.data import templates
 from multimodal.models import two_towers
-from multimodal.tasks import base
+from multimodal.parallel import sharding
+from multimodal.tasks import base, contrastive_losses as losses
+from multimodal.train import accumulate, optim
 
 LOSSES = ("softmax", "sigmoid")
 # config.loss_impl: "dense" lets XLA gather the global batch and build the

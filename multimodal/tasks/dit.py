@@ -25,17 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multimodal.train import accumulate
 from multimodal.config import config_lib
-from multimodal.parallel import sharding
-from multimodal.tasks import trained_runs
 from multimodal.data import pipeline, preprocess, shapes_world
 from multimodal.diffusion import losses, samplers, schedules
 from multimodal.evaluators import generation
-from multimodal.tasks import recognizer as recognizer_lib
 from multimodal.importers import diffusers_dit, diffusers_vae
 from multimodal.models import dit
-from multimodal.tasks import base, classify, clip, text_encoder
+from multimodal.parallel import sharding
+from multimodal.tasks import (base, classify, clip, recognizer as recognizer_lib, text_encoder,
+                              trained_runs)
+from multimodal.train import accumulate
 
 
 class DiffusionTask(base.Task):
@@ -114,7 +113,8 @@ class DiffusionTask(base.Task):
     return text_encoder.FrozenTextEncoder(
         trained_runs.resolve_config(run, **data),
         lambda: trained_runs.resolve(
-            run, clip.ContrastiveTask, cache_root=os.path.join(self.source.data_dir, "text_encoders"), **data),
+            run, clip.ContrastiveTask,
+            cache_root=os.path.join(self.source.data_dir, "text_encoders"), **data),
         name=trained_runs.describe(run))
 
   def _import_diffusers_dit(self):

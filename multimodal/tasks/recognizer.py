@@ -10,10 +10,10 @@ import jax
 import numpy as np
 
 from multimodal.config import config_lib
-from multimodal.parallel import sharding
-from multimodal.train import trainer
 from multimodal.evaluators import common
+from multimodal.parallel import sharding
 from multimodal.tasks import classify
+from multimodal.train import trainer
 
 
 class Recognizer:

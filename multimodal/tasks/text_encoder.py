@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from multimodal.config import config_lib
+from multimodal.models import two_towers
 from multimodal.parallel import sharding
 from multimodal.train import trainer
-from multimodal.models import two_towers
 
 PARAMS_KEY = "text_encoder"
 

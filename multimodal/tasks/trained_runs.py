@@ -15,8 +15,8 @@ import os
 import ml_collections
 
 from multimodal.config import config_lib
-from multimodal.tasks import config_checks
 from multimodal.parallel import sharding
+from multimodal.tasks import config_checks
 from multimodal.train import trainer
 
 

@@ -27,13 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multimodal.tasks import config_checks, trained_runs
 from multimodal.config import config_lib
 from multimodal.data import preprocess, tokenizer as tokenizer_lib
 from multimodal.evaluators import captioning, vqa
 from multimodal.importers import hf_llama, hf_tokenizer, safetensors_io
 from multimodal.models import decoder, decoding, vit, vlm
-from multimodal.tasks import base, clip
+from multimodal.tasks import base, clip, config_checks, trained_runs
 
 STAGES = ("lm", "align", "tune")
 TOKENIZER_TRAINING_EXAMPLES = 20_000
@@ -132,9 +131,10 @@ class VisionLanguageTask(base.Task):
   def _resolve_stage(self, run_config) -> str:
     """An earlier stage's run, with this run's vision tower and HF LM."""
     vision = self.config.model.vision
-    return self._resolve(run_config, VisionLanguageTask, {"model.vision.workdir": self.vision_workdir,
-                                      "model.vision.config": vision.config,
-                                      "init.from_hf": self.hf_lm})
+    return self._resolve(run_config, VisionLanguageTask,
+                         {"model.vision.workdir": self.vision_workdir,
+                          "model.vision.config": vision.config,
+                          "init.from_hf": self.hf_lm})
 
   def _tokenizer(self):
     """One SentencePiece model over captions, questions and answers, shared
@@ -206,7 +206,8 @@ class VisionLanguageTask(base.Task):
         result.append((f"the LM of the run {lm_dir}", {"llm": lm}))
     elif self.config.stage == "tune":
       run_dir = self._resolve_stage(init.run)
-      result.append((f"the aligned model of the run {run_dir}", trained_runs.eval_params(run_dir, VisionLanguageTask)))
+      result.append((f"the aligned model of the run {run_dir}",
+                     trained_runs.eval_params(run_dir, VisionLanguageTask)))
     return result
 
   # --- generation --------------------------------------------------------

@@ -20,7 +20,7 @@ another instead of as a loop (`lax.scan(unroll=True)`): the same arithmetic,
 but XLA schedules and fuses across microbatches and drops the loop's carry
 copies. It is a speed setting, not a memory one: XLA may then keep more than
 one microbatch's activations alive. On this CPU, DiT's step at batch 64 is
-fastest as two unrolled halves (README, Performance): a half batch's
+fastest as two unrolled halves (docs/performance.md): a half batch's
 activations stay in cache, which the whole batch's do not.
 
 `in_microbatches` does the same for a forward pass alone: the DiT sampler
@@ -88,7 +88,7 @@ def in_microbatches(fn, k: int):
   """`fn(*batched)` computed on k microbatches one after another, written out,
   and merged back into the batch's row order: the same values for a
   per-example `fn` (a forward pass), but on this CPU a smaller working set
-  (README, Performance). Every argument and output leaf is batched on axis 0;
+  (docs/performance.md). Every argument and output leaf is batched on axis 0;
   the microbatches are `split`'s, so each device keeps its rows."""
   if k == 1:
     return fn

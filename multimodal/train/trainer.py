@@ -20,10 +20,10 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from multimodal.train import checkpoint, optim, preemption, pretrained, workdir as workdir_lib
 from multimodal.config import config_lib
-from multimodal.parallel import distributed, sharding
 from multimodal.data import pipeline
+from multimodal.parallel import distributed, sharding
+from multimodal.train import checkpoint, optim, preemption, pretrained, workdir as workdir_lib
 from multimodal.train.metrics_writer import MetricsWriter
 
 
