@@ -229,7 +229,9 @@ def sbatch_script(rest: list[str], options: dict, workdir: str, repo: str = REPO
 
 def tpu_command(rest: list[str], options: dict, repo: str = REPO) -> list[str]:
   """The gcloud command that runs the training command on every TPU worker."""
-  remote = (f"cd {shlex.quote(options.get('remote_dir') or repo)} && "
+  # Installing first, apart from the run, keeps pip's output out of the
+  # run's log and fails on the worker whose environment cannot be built.
+  remote = (f"cd {shlex.quote(options.get('remote_dir') or repo)} && ./launch.sh install && "
             f"{distributed.MODE}=auto ./launch.sh run {shlex.join(rest[1:])}")
   command = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", options["tpu"],
              f"--zone={options['zone']}"]

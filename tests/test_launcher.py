@@ -151,16 +151,16 @@ def test_tpu_command():
           "--workdir=/mnt/shared/run"]
   options = {"tpu": "my-tpu", "zone": "us-central2-b", "project": "proj"}
   command = launcher.tpu_command(rest, options, repo="/home/me/mm")
-  remote = ("cd /home/me/mm && MM_DISTRIBUTED=auto ./launch.sh run configs/clip_shapes.py "
-            "'--config.input.data=folder:/data/my images' --workdir=/mnt/shared/run")
+  remote = ("cd /home/me/mm && ./launch.sh install && MM_DISTRIBUTED=auto ./launch.sh run "
+            "configs/clip_shapes.py '--config.input.data=folder:/data/my images' --workdir=/mnt/shared/run")
   assert command == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu",
                      "--zone=us-central2-b", "--project=proj", "--worker=all",
                      f"--command={remote}"]
   printed = shlex.join(command)
   assert printed == (
       "gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --project=proj "
-      "--worker=all '--command=cd /home/me/mm && MM_DISTRIBUTED=auto ./launch.sh run "
-      "configs/clip_shapes.py '\"'\"'--config.input.data=folder:/data/my images'\"'\"' "
+      "--worker=all '--command=cd /home/me/mm && ./launch.sh install && "
+      "MM_DISTRIBUTED=auto ./launch.sh run configs/clip_shapes.py '\"'\"'--config.input.data=folder:/data/my images'\"'\"' "
       "--workdir=/mnt/shared/run'")
   # What the remote shell runs is exactly the local arguments.
   remote_args = shlex.split(shlex.split(printed)[-1].split("=", 1)[1])
@@ -171,7 +171,8 @@ def test_tpu_command():
 def test_tpu_command_in_another_directory():
   command = launcher.tpu_command(["train", "--workdir=w"], {
       "tpu": "t", "zone": "z", "remote_dir": "~/my repo"}, repo="/local")
-  assert command[-1] == "--command=cd '~/my repo' && MM_DISTRIBUTED=auto ./launch.sh run --workdir=w"
+  assert command[-1] == ("--command=cd '~/my repo' && ./launch.sh install && "
+                         "MM_DISTRIBUTED=auto ./launch.sh run --workdir=w")
   assert "--project" not in " ".join(command)
 
 
@@ -185,9 +186,10 @@ def test_tpu_dry_run_fixes_a_workdir_for_every_worker():
   assert command[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu",
                          "--zone=europe-west4-a", "--worker=all"]
   remote = shlex.split(command[8].split("=", 1)[1])
-  assert remote[:6] == ["cd", ROOT, "&&", "MM_DISTRIBUTED=auto", "./launch.sh", "run"]
-  assert remote[6] == "configs/clip_shapes.py"
-  assert remote[7].startswith("--workdir=runs/clip_shapes-")
+  assert remote[:9] == ["cd", ROOT, "&&", "./launch.sh", "install", "&&",
+                        "MM_DISTRIBUTED=auto", "./launch.sh", "run"]
+  assert remote[9] == "configs/clip_shapes.py"
+  assert remote[10].startswith("--workdir=runs/clip_shapes-")
 
 
 # -- Local processes -------------------------------------------------------------
