@@ -70,10 +70,7 @@ def parse_flags(argv: list[str], usage: str | None = None, *, extra_help: str = 
   """Parses flags, turning config mistakes into one clear line on stderr;
   prints the help (`--help`) or the resolved config (`--print_config`) and
   exits 0. Returns argv as parsed: the config flag first, its path resolved."""
-  wanted = flags_cli.wants_help(argv)
-  if wanted:
-    flags_cli.print_help(usage or __doc__, extra_help, full=wanted == "--helpfull")
-    sys.exit(0)
+  flags_cli.help_if_asked(argv, usage or __doc__, extra_help)
   argv = _with_resolved_config(normalise_argv(flags_cli.undash(argv, extra_names)))
   spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
   try:

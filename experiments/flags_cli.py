@@ -125,14 +125,19 @@ def unknown_flag_message(name: str, extra_names=()) -> str:
   return f"unknown flag --{name}.{hint} ({command()} --help lists them all.)"
 
 
-def parse(argv: list[str], usage: str, *, extra_help: str = "") -> list[str]:
-  """Parses argv into absl's FLAGS (or prints the help and exits 0); every
-  mistake is one line and exit status 2. Returns the positional arguments
-  (without the program)."""
+def help_if_asked(argv: list[str], usage: str, extra_help: str = "") -> None:
+  """Prints the help and exits 0 when argv asks for it."""
   wanted = wants_help(argv)
   if wanted:
     print_help(usage, extra_help, full=wanted == "--helpfull")
     sys.exit(0)
+
+
+def parse(argv: list[str], usage: str, *, extra_help: str = "") -> list[str]:
+  """Parses argv into absl's FLAGS (or prints the help and exits 0); every
+  mistake is one line and exit status 2. Returns the positional arguments
+  (without the program)."""
+  help_if_asked(argv, usage, extra_help)
   argv = undash(argv)
   try:
     rest = flags.FLAGS(argv)
