@@ -129,7 +129,13 @@ def help_if_asked(argv: list[str], usage: str, extra_help: str = "") -> None:
   """Prints the help and exits 0 when argv asks for it."""
   wanted = wants_help(argv)
   if wanted:
-    print_help(usage, extra_help, full=wanted == "--helpfull")
+    try:
+      print_help(usage, extra_help, full=wanted == "--helpfull")
+      sys.stdout.flush()
+    except BrokenPipeError:
+      # `CMD --help | head`: the reader has what it wanted. Python's own
+      # flush at exit would fail again on the closed pipe.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
 
 

@@ -208,3 +208,19 @@ def test_relative_workdir_is_the_callers(tmp_path):
   run = _light("run", "--procs=1", "--dry_run", "--workdir=here", cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-2000:]
   assert f"--workdir={tmp_path / 'here'}" in run.stdout
+
+
+def test_help_into_a_closed_pipe_is_no_traceback():
+  """`./launch.sh run --help | head -1`: the reader may close the pipe before
+  the help is written. Here it is closed from the start, so every write fails."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MM_")}
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  try:
+    run = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=ROOT,
+                         stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                         env=env)
+  finally:
+    os.close(write_end)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
